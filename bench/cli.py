@@ -1,0 +1,264 @@
+"""Command line, run orchestration (rotation over reps) and output."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench import report
+from bench.backend import start_nginx, start_sink
+from bench.common import LOAD_CORE, MIB, PROXY_CORE, BenchError
+from bench.loadgen import hey_argv, wrk_argv
+from bench.procs import stop_all
+from bench.scenarios import H1, SCENARIO_NAMES, TCP, Backends, Settings, Trial, run_trial
+from bench.systems import SYSTEM_NAMES, VERSIONS, tool_versions
+
+
+@dataclass(frozen=True)
+class Options:
+    quick: bool
+    json_path: Path | None
+    scenarios: list[str]
+    systems: list[str]
+    reps: int
+    keep_workdir: bool
+
+
+def _csv(allowed: tuple[str, ...]) -> Any:
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}")
+        return list(dict.fromkeys(names))
+
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="short runs, whole run < 90 s")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write every raw figure here")
+    p.add_argument("--scenarios", type=_csv(SCENARIO_NAMES), default=list(SCENARIO_NAMES))
+    p.add_argument("--systems", type=_csv(SYSTEM_NAMES), default=list(SYSTEM_NAMES))
+    p.add_argument("--reps", type=int, help="repetitions (default 3; --quick: 1)")
+    p.add_argument("--keep-workdir", action="store_true", help="keep configs and logs")
+    a = p.parse_args(argv)
+    reps = a.reps if a.reps is not None else (1 if a.quick else 3)
+    if reps < 1:
+        p.error("--reps must be >= 1")
+    return Options(a.quick, a.json, a.scenarios, a.systems, reps, a.keep_workdir)
+
+
+def settings_for(quick: bool) -> Settings:
+    if quick:
+        return Settings(
+            wrk_seconds=5,
+            hey_seconds=5,
+            bulk_bytes=256 * MIB,
+            ready_timeout=10.0,
+            bulk_timeout=60.0,
+        )
+    return Settings(
+        wrk_seconds=15,
+        hey_seconds=15,
+        bulk_bytes=1024 * MIB,
+        ready_timeout=15.0,
+        bulk_timeout=240.0,
+    )
+
+
+def rotated(systems: list[str], rep: int) -> list[str]:
+    k = rep % len(systems)
+    return systems[k:] + systems[:k]
+
+
+# ---- environment ----------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "python_full": sys.version,
+        "loadavg_at_start": os.getloadavg(),
+        "clk_tck": os.sysconf("SC_CLK_TCK"),
+    }
+
+
+def check_machine() -> None:
+    if (os.cpu_count() or 0) < 2:
+        raise BenchError("needs at least 2 CPUs (proxy on core 0, load on core 1)")
+    missing = [t for t in ("taskset", "wrk", "hey", "nginx") if not shutil.which(t)]
+    if missing:
+        raise BenchError(f"missing tools: {', '.join(missing)}")
+    os.sched_setaffinity(0, {LOAD_CORE})  # keep the harness itself off the proxy core
+
+
+@contextlib.contextmanager
+def cleanup_on_signals() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into SystemExit so finally-blocks stop every child."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        stop_all()
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+# ---- run -------------------------------------------------------------------------
+
+
+def start_backends(opts: Options, workdir: Path) -> Backends:
+    log_dir = workdir / "backends"
+    log_dir.mkdir()
+    nginx_port = start_nginx(workdir, log_dir)[1] if H1 in opts.scenarios else None
+    sink_port = start_sink(log_dir)[1] if TCP in opts.scenarios else None
+    return Backends(nginx_port, sink_port)
+
+
+def progress(trial: Trial, reps: int) -> None:
+    f = trial.figures
+    head = f"[rep {trial.rep + 1}/{reps}] {trial.scenario:13} {trial.system:8}"
+    if trial.error:
+        detail = "FAILED: " + trial.error.splitlines()[0][:160]
+    elif trial.scenario == H1:
+        detail = (
+            f"{f['rps']:,.0f} req/s, {f['cpu_us_per_req']:.1f} µs/req, p99 {f['p99_ms']:.2f} ms"
+        )
+    else:
+        detail = f"{f['mb_per_s']:,.0f} MiB/s, {f['cpu_us_per_mb']:.0f} µs/MiB"
+    print(f"{head} {detail}  ({trial.raw.get('trial_seconds', 0):.0f}s)", file=sys.stderr)
+
+
+def run_trials(opts: Options, settings: Settings, workdir: Path) -> list[Trial]:
+    backends = start_backends(opts, workdir)
+    trials = []
+    for rep in range(opts.reps):
+        order = rotated(opts.systems, rep)
+        for scenario in opts.scenarios:
+            for position, system in enumerate(order):
+                trial = Trial(rep=rep, scenario=scenario, system=system, position=position)
+                trials.append(run_trial(trial, settings, backends, workdir))
+                progress(trial, opts.reps)
+    return trials
+
+
+def build_document(
+    opts: Options, settings: Settings, trials: list[Trial], started: float, meta: dict[str, Any]
+) -> dict[str, Any]:
+    summary = report.summarise(trials, opts.scenarios, opts.systems)
+    return {
+        "command": sys.argv,
+        "command_line": shlex.join([sys.executable, "-m", "bench", *sys.argv[1:]]),
+        **meta,
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "duration_s": round(time.monotonic() - started, 1),
+        "options": {**asdict(opts), "json_path": str(opts.json_path or "")},
+        "settings": asdict(settings),
+        "method": {
+            "proxy_core": PROXY_CORE,
+            "load_core": LOAD_CORE,
+            "wrk": wrk_argv(0, settings.wrk_seconds),
+            "hey": hey_argv(0, settings.hey_seconds),
+            "bulk_mib": settings.bulk_bytes // MIB,
+            "aggregate": "median over reps (error counts: sum); systems rotated each rep",
+        },
+        "summary": summary,
+        "ratios": report.ratios(summary),
+        "problems": report.problems(trials),
+        "trials": [asdict(t) for t in trials],
+    }
+
+
+def render(doc: dict[str, Any], opts: Options, settings: Settings) -> str:
+    n = f"median of {opts.reps} rep(s)"
+    titles = {
+        H1: f"== h1-one-proxy: wrk -t1 -c50 -d{settings.wrk_seconds}s; "
+        f"hey -z {settings.hey_seconds}s -c 20 -q 100 (2,000 req/s); {n}",
+        TCP: f"== tcp-bulk: {settings.bulk_bytes // MIB} MiB per transfer"
+        f"{' (--quick; full run: 1024 MiB)' if opts.quick else ''}; {n}",
+    }
+    parts = [
+        report.table(s, doc["summary"], opts.systems, doc["ratios"], titles[s])
+        for s in opts.scenarios
+    ]
+    versions = ", ".join(f"{k} {v}" for k, v in doc["versions"].items())
+    m = doc["machine"]
+    parts.append(
+        f"machine: {m['nproc']} CPUs, kernel {m['kernel']}, python {m['python']}; "
+        f"proxy on core {PROXY_CORE}, load+backend on core {LOAD_CORE}\n"
+        f"versions: {versions}"
+    )
+    parts.append(
+        "\n".join(["ratios:", *report.ratio_lines(doc["ratios"])])
+        if doc["ratios"]
+        else "ratios: none (need meshlet and a peer with figures)"
+    )
+    problems = doc["problems"]
+    parts.append(
+        "\n".join(["problems:", *(f"- {p}" for p in problems)]) if problems else "problems: none"
+    )
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    settings = settings_for(opts.quick)
+    started = time.monotonic()
+    meta = {
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "versions": {**{s: VERSIONS[s]() for s in opts.systems}, **tool_versions()},
+    }
+    workdir = Path(tempfile.mkdtemp(prefix="meshlet-bench-"))
+    try:
+        with cleanup_on_signals():
+            check_machine()
+            trials = run_trials(opts, settings, workdir)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; all children stopped", file=sys.stderr)
+        return 130
+    finally:
+        if opts.keep_workdir:
+            print(f"bench: configs and logs kept in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    doc = build_document(opts, settings, trials, started, meta)
+    print(render(doc, opts, settings))
+    if opts.json_path:
+        opts.json_path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        print(f"\nJSON written to {opts.json_path}")
+    return 0

@@ -1,0 +1,156 @@
+"""Summaries (medians, ratios), the stdout table and the JSON document."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from bench.scenarios import H1, TCP, Trial
+
+Agg = Literal["median", "sum"]
+PEERS = ("envoy", "haproxy")
+SUBJECT = "meshlet"
+LOW_UTIL_PCT = 80.0
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    fmt: str
+    parts: tuple[str, ...] = ()  # figures summed into this one (default: key itself)
+    agg: Agg = "median"
+    ratio: bool = True
+
+    def value(self, figures: dict[str, float]) -> float | None:
+        keys = self.parts or (self.key,)
+        if any(k not in figures for k in keys):
+            return None
+        return sum(figures[k] for k in keys)
+
+
+METRICS: dict[str, tuple[Metric, ...]] = {
+    H1: (
+        Metric("rps", "req/s at saturation (wrk)", "{:,.0f}"),
+        Metric("cpu_us_per_req", "proxy CPU µs / request", "{:.1f}"),
+        Metric("cpu_util_pct", "proxy CPU % during wrk", "{:.0f}", ratio=False),
+        Metric("rss_idle_mb", "RSS idle, MiB", "{:.1f}"),
+        Metric("rss_load_mb", "RSS under load (max), MiB", "{:.1f}"),
+        Metric("p50_ms", "p50 ms @2,000 req/s (hey)", "{:.2f}"),
+        Metric("p99_ms", "p99 ms @2,000 req/s", "{:.2f}"),
+        Metric("max_ms", "max ms @2,000 req/s", "{:.2f}"),
+        Metric("hey_rps", "rate achieved by hey, req/s", "{:,.0f}", ratio=False),
+        Metric(
+            "wrk_bad",
+            "wrk non-2xx + socket errs (sum)",
+            "{:.0f}",
+            ("wrk_non_2xx", "wrk_socket_errors"),
+            "sum",
+            ratio=False,
+        ),
+        Metric(
+            "hey_bad",
+            "hey non-2xx + errors (sum)",
+            "{:.0f}",
+            ("hey_non_2xx", "hey_errors"),
+            "sum",
+            ratio=False,
+        ),
+    ),
+    TCP: (
+        Metric("mb_per_s", "throughput, MiB/s", "{:,.0f}"),
+        Metric("cpu_us_per_mb", "proxy CPU µs / MiB", "{:.0f}"),
+        Metric("cpu_util_pct", "proxy CPU % during transfer", "{:.0f}", ratio=False),
+        Metric("rss_idle_mb", "RSS idle, MiB", "{:.1f}"),
+        Metric("rss_max_mb", "RSS during transfer (max), MiB", "{:.1f}"),
+    ),
+}
+
+
+def summarise(trials: list[Trial], scenarios: list[str], systems: list[str]) -> dict[str, Any]:
+    """{scenario: {system: {metric: {value, agg, values, n}}}} over successful figures."""
+    out: dict[str, Any] = {}
+    for scenario in scenarios:
+        out[scenario] = {}
+        for system in systems:
+            mine = [t for t in trials if t.scenario == scenario and t.system == system]
+            out[scenario][system] = {
+                m.key: agg for m in METRICS[scenario] if (agg := _aggregate(m, mine))
+            }
+    return out
+
+
+def _aggregate(metric: Metric, trials: list[Trial]) -> dict[str, Any] | None:
+    values = [v for t in trials if (v := metric.value(t.figures)) is not None]
+    if not values:
+        return None
+    value = statistics.median(values) if metric.agg == "median" else sum(values)
+    return {"value": value, "agg": metric.agg, "values": values, "n": len(values)}
+
+
+def ratios(summary: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """meshlet / peer for each ratio metric where both medians exist."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for scenario, per_system in summary.items():
+        subject = per_system.get(SUBJECT, {})
+        for metric in METRICS[scenario]:
+            for peer in PEERS:
+                mine = subject.get(metric.key)
+                theirs = per_system.get(peer, {}).get(metric.key)
+                if metric.ratio and mine and theirs and theirs["value"]:
+                    cell = out.setdefault(scenario, {}).setdefault(metric.key, {})
+                    cell[f"{SUBJECT}/{peer}"] = mine["value"] / theirs["value"]
+    return out
+
+
+# ---- text output ------------------------------------------------------------------
+
+
+def _fmt(metric: Metric, cell: dict[str, Any] | None) -> str:
+    return "-" if cell is None else metric.fmt.format(cell["value"])
+
+
+def table(
+    scenario: str, summary: dict[str, Any], systems: list[str], rat: dict[str, Any], title: str
+) -> str:
+    """One scenario's table: a row per metric, a column per system, then ratios."""
+    peers = [p for p in PEERS if SUBJECT in systems and p in systems]
+    heads = [*systems, *(f"{SUBJECT}/{p}" for p in peers)]
+    lines = [title, f"{'':34}" + "".join(f"{h:>16}" for h in heads)]
+    for metric in METRICS[scenario]:
+        cells = [_fmt(metric, summary[scenario][s].get(metric.key)) for s in systems]
+        for peer in peers:
+            r = rat.get(scenario, {}).get(metric.key, {}).get(f"{SUBJECT}/{peer}")
+            cells.append("-" if r is None else f"{r:.2f}")
+        lines.append(f"{metric.label:34}" + "".join(f"{c:>16}" for c in cells))
+    return "\n".join(lines)
+
+
+def ratio_lines(rat: dict[str, Any]) -> list[str]:
+    """`metric meshlet/peer = r` lines, one per ratio."""
+    return [
+        f"{scenario}: {metric} {pair} = {r:.2f}"
+        for scenario, metrics in rat.items()
+        for metric, pairs in metrics.items()
+        for pair, r in pairs.items()
+    ]
+
+
+def problems(trials: list[Trial]) -> list[str]:
+    """Failures and suspicious figures, one entry per trial."""
+    out = []
+    for t in trials:
+        where = f"rep {t.rep + 1} {t.scenario} {t.system}"
+        if t.error:
+            out.append(f"{where}: FAILED: {t.error}")
+        bad = {k: v for k, v in t.figures.items() if k.endswith(("non_2xx", "errors")) and v}
+        if bad:
+            out.append(f"{where}: {', '.join(f'{k}={v:.0f}' for k, v in bad.items())}")
+        util = t.figures.get("cpu_util_pct")
+        if util is not None and util < LOW_UTIL_PCT:
+            out.append(
+                f"{where}: proxy CPU only {util:.0f}% during the load run "
+                "(not saturated: load core or client may be the limit)"
+            )
+    return out

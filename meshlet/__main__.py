@@ -1,0 +1,5 @@
+import sys
+
+from meshlet.cli.main import main
+
+sys.exit(main())

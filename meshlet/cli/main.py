@@ -1,0 +1,65 @@
+"""The `meshlet` command. Parsing only: the work lives in the packages it calls."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from meshlet import __version__
+from meshlet.config import EX_CONFIG, ConfigError, parse_proxy_config, proxy_settings_help
+
+__all__ = ["main"]
+
+
+def _proxy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "proxy",
+        help="run the sidecar proxy",
+        description="Run the meshlet sidecar proxy. Every flag has a MESHLET_* variable; "
+        "a flag wins over its variable.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for flag, var, default, text in proxy_settings_help():
+        dest = var.removeprefix("MESHLET_").lower()
+        p.add_argument(flag, dest=dest, default=None, metavar="VALUE",
+                       help=f"{text} [{var}; default: {default or 'unset'}]")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="meshlet", description="A small, fast service mesh.")
+    parser.add_argument("--version", action="version", version=f"meshlet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _proxy_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "proxy":
+        return _run_proxy(args)
+    parser.error(f"unknown command {args.command}")  # pragma: no cover
+    return 2  # pragma: no cover
+
+
+def _run_proxy(args: argparse.Namespace) -> int:
+    from meshlet.config import _SETTINGS, env_name
+
+    flags = {f: getattr(args, env_name(f).removeprefix("MESHLET_").lower()) for f in _SETTINGS}
+    try:
+        cfg = parse_proxy_config(os.environ, flags)
+    except ConfigError as e:
+        print("meshlet proxy: invalid configuration:", file=sys.stderr)
+        for line in e.errors:
+            print(f"  {line}", file=sys.stderr)
+        return EX_CONFIG
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from meshlet.proxy.server import run_proxy
+
+    return run_proxy(cfg)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""All of meshlet's configuration, parsed in one place.
+
+Rules:
+1. Nothing else in meshlet reads `os.environ`: every setting is a `MESHLET_*` variable
+   with a matching command-line flag (`MESHLET_CONNECT_TIMEOUT` <-> `--connect-timeout`);
+   a flag wins over the variable.
+2. Every bad value is collected and reported at once, each with its variable's name;
+   the command then exits with status 64 (EX_USAGE).
+3. The result is a frozen dataclass; defaults are the zero-config common case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["EX_CONFIG", "Addr", "ConfigError", "OutboundBind", "ProxyConfig", "parse_proxy_config"]
+
+EX_CONFIG = 64
+
+
+class ConfigError(Exception):
+    """One or more settings are invalid; `errors` holds one line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Addr:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OutboundBind:
+    """A local listener bound to a named service (explicit outbound mode)."""
+
+    listen: Addr
+    service: str  # "name:port", the key of an endpoint set
+    opaque: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    inbound_listen: Addr | None
+    app_addr: Addr | None
+    admin_listen: Addr
+    outbound: tuple[OutboundBind, ...]
+    endpoints_file: str | None
+    opaque_ports: frozenset[int]
+    detect_timeout: float
+    connect_timeout: float
+    header_read_timeout: float
+    idle_timeout: float
+    response_timeout: float
+    pool_idle_timeout: float
+    pool_max_idle: int
+    max_header_bytes: int
+    max_request_line_bytes: int
+    max_connections: int
+    shutdown_grace: float
+    log_level: str
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Addr):
+                v = str(v)
+            elif isinstance(v, frozenset):
+                v = sorted(v)
+            elif isinstance(v, tuple):
+                v = [{"listen": str(b.listen), "service": b.service, "opaque": b.opaque}
+                     for b in v]
+            out[f.name] = v
+        return out
+
+
+# --- value parsers: each returns the value or raises ValueError with a readable reason --
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?")
+
+
+def parse_duration(text: str) -> float:
+    m = _DURATION_RE.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(f"invalid duration {text!r} (use e.g. 500ms, 3s, 1m)")
+    n = float(m.group(1))
+    return n * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
+
+
+def parse_addr(text: str) -> Addr:
+    text = text.strip()
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
+    if m is None:
+        raise ValueError(f"invalid address {text!r} (use HOST:PORT or [IPv6]:PORT)")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range in {text!r}")
+    if m.group(1):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid IPv6 address in {text!r}") from None
+    return Addr(host, port)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"invalid integer {text!r}") from None
+    if n <= 0:
+        raise ValueError(f"must be positive, got {n}")
+    return n
+
+
+def _ports(text: str) -> frozenset[int]:
+    out: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(f"invalid port {part!r}") from None
+        if not (1 <= a <= b <= 65535):
+            raise ValueError(f"invalid port range {part!r}")
+        if b - a > 65535:
+            raise ValueError(f"port range too wide {part!r}")
+        out.update(range(a, b + 1))
+    return frozenset(out)
+
+
+_SERVICE_RE = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?:\d{1,5}")
+
+
+def _outbound(text: str) -> tuple[OutboundBind, ...]:
+    binds = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        listen, sep, service = part.partition("=")
+        if not sep:
+            raise ValueError(f"invalid binding {part!r} (use LISTEN_ADDR=SERVICE:PORT)")
+        opaque = service.endswith("/opaque")
+        service = service.removesuffix("/opaque")
+        if not _SERVICE_RE.fullmatch(service):
+            raise ValueError(f"invalid service {service!r} in {part!r} (use name:port)")
+        binds.append(OutboundBind(parse_addr(listen), service, opaque))
+    return tuple(binds)
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ValueError(f"invalid log level {text!r} (debug, info, warning, error)")
+    return level
+
+
+def _optional_addr(text: str) -> Addr | None:
+    return parse_addr(text) if text.strip() else None
+
+
+def _optional_str(text: str) -> str | None:
+    return text.strip() or None
+
+
+# name -> (parser, default text, help)
+_SETTINGS: dict[str, tuple[Callable[[str], Any], str, str]] = {
+    "inbound_listen": (_optional_addr, "0.0.0.0:4143",
+                       "inbound listener (empty: none)"),
+    "app_addr": (_optional_addr, "", "the app the inbound listener forwards to"),
+    "admin_listen": (parse_addr, "127.0.0.1:4191", "admin server: /metrics, /ready, ..."),
+    "outbound": (_outbound, "",
+                 "explicit outbound listeners: LISTEN=SERVICE:PORT[/opaque],..."),
+    "endpoints_file": (_optional_str, "", "static endpoints file (YAML)"),
+    "opaque_ports": (_ports, "", "ports proxied as raw TCP with no protocol detection"),
+    "detect_timeout": (parse_duration, "10s", "protocol detection timeout"),
+    "connect_timeout": (parse_duration, "1s", "upstream connect timeout"),
+    "header_read_timeout": (parse_duration, "10s", "time to read a request head"),
+    "idle_timeout": (parse_duration, "60s", "idle keep-alive client connection timeout"),
+    "response_timeout": (parse_duration, "60s", "time from request to response head"),
+    "pool_idle_timeout": (parse_duration, "4s", "idle pooled upstream connection timeout"),
+    "pool_max_idle": (_positive_int, "100", "idle upstream connections kept per endpoint"),
+    "max_header_bytes": (_positive_int, "65536", "largest request head (431 above)"),
+    "max_request_line_bytes": (_positive_int, "16384", "longest request line (414 above)"),
+    "max_connections": (_positive_int, "20000", "open client connections at most"),
+    "shutdown_grace": (parse_duration, "30s", "time in-flight requests get on shutdown"),
+    "log_level": (_log_level, "info", "debug, info, warning or error"),
+}
+
+# Variable names, where they differ from the field name.
+_ENV_NAMES = {
+    "inbound_listen": "MESHLET_INBOUND_LISTEN_ADDR",
+    "admin_listen": "MESHLET_ADMIN_LISTEN_ADDR",
+    "outbound": "MESHLET_OUTBOUND_LISTENERS",
+}
+
+
+def env_name(field: str) -> str:
+    return _ENV_NAMES.get(field, "MESHLET_" + field.upper())
+
+
+def flag_name(field: str) -> str:
+    return "--" + env_name(field).removeprefix("MESHLET_").lower().replace("_", "-")
+
+
+def proxy_settings_help() -> list[tuple[str, str, str, str]]:
+    """(flag, variable, default, help) for each setting, for the CLI."""
+    return [(flag_name(k), env_name(k), d, h) for k, (_p, d, h) in _SETTINGS.items()]
+
+
+def parse_proxy_config(
+    env: Mapping[str, str], flags: Mapping[str, str | None] | None = None
+) -> ProxyConfig:
+    """Build the proxy's config from the environment and flags (flag values win).
+
+    `flags` maps field names to the text given on the command line (None: not given).
+    Raises ConfigError listing every invalid value.
+    """
+    flags = flags or {}
+    errors: list[str] = []
+    values: dict[str, Any] = {}
+    for field, (parser, default, _help) in _SETTINGS.items():
+        name = env_name(field)
+        given = flags.get(field)
+        source = flag_name(field) if given is not None else name
+        text = given if given is not None else env.get(name, default)
+        try:
+            values[field] = parser(text)
+        except ValueError as e:
+            errors.append(f"{source}: {e}")
+    known = {env_name(f) for f in _SETTINGS}
+    for key in env:
+        if key.startswith("MESHLET_") and key not in known and key not in _OTHER_VARS:
+            errors.append(f"{key}: unknown setting (known: see `meshlet proxy --help`)")
+    if not errors:
+        if values["inbound_listen"] is not None and values["app_addr"] is None:
+            values["inbound_listen"] = None  # no app to forward to: no inbound listener
+        if values["outbound"] and not values["endpoints_file"]:
+            errors.append(
+                f"{env_name('endpoints_file')}: required when "
+                f"{env_name('outbound')} is set"
+            )
+        if values["inbound_listen"] is None and not values["outbound"]:
+            errors.append(
+                f"{env_name('app_addr')}: nothing to proxy: set it (inbound) or "
+                f"{env_name('outbound')} (outbound)"
+            )
+    if errors:
+        raise ConfigError(errors)
+    return ProxyConfig(**values)
+
+
+# Variables read by other commands, so the proxy does not call them unknown.
+_OTHER_VARS: frozenset[str] = frozenset()

@@ -1,0 +1,96 @@
+"""Where a connection or request goes: a fixed address, or a service's endpoints.
+
+Rules:
+1. `pick()` is a pure decision on the current endpoint list; it does no I/O.
+2. Endpoint lists are replaced whole (`update`), never edited in place, so a pick never
+   sees a half-applied change.
+3. Weights are honoured (weight 0 drains an endpoint); equal weights use round-robin.
+   Latency-aware balancing replaces this with the traffic-management issue.
+"""
+
+from __future__ import annotations
+
+import random
+from bisect import bisect_right
+from itertools import accumulate
+
+from meshlet.api.endpoints import Endpoint, EndpointSet
+
+__all__ = ["Balancer", "Fixed", "Target"]
+
+
+class Target:
+    """Base: something that picks an endpoint."""
+
+    __slots__ = ("name", "opaque")
+
+    def __init__(self, name: str, opaque: bool) -> None:
+        self.name = name
+        self.opaque = opaque
+
+    def pick(self, exclude: Endpoint | None = None) -> Endpoint | None:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+class Fixed(Target):
+    """Inbound: always the app."""
+
+    __slots__ = ("_ep",)
+
+    def __init__(self, name: str, host: str, port: int, opaque: bool) -> None:
+        super().__init__(name, opaque)
+        self._ep = Endpoint(host, port)
+
+    def pick(self, exclude: Endpoint | None = None) -> Endpoint | None:
+        return self._ep
+
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return (self._ep,)
+
+
+class Balancer(Target):
+    """Outbound: the endpoints of one service, updated from discovery."""
+
+    __slots__ = ("_cum", "_eps", "_live", "_next", "version")
+
+    def __init__(self, name: str, opaque: bool) -> None:
+        super().__init__(name, opaque)
+        self._eps: tuple[Endpoint, ...] = ()
+        self._live: tuple[Endpoint, ...] = ()
+        self._cum: list[int] | None = None
+        self._next = 0
+        self.version = 0
+
+    def update(self, es: EndpointSet | None, opaque_ports: frozenset[int]) -> None:
+        eps = es.endpoints if es is not None else ()
+        self._eps = eps
+        live = tuple(e for e in eps if e.weight > 0)
+        self._live = live
+        weights = {e.weight for e in live}
+        self._cum = list(accumulate(e.weight for e in live)) if len(weights) > 1 else None
+        self.version = es.version if es is not None else 0
+        if es is not None:
+            port = int(self.name.rpartition(":")[2])
+            self.opaque = es.opaque or port in opaque_ports
+
+    def pick(self, exclude: Endpoint | None = None) -> Endpoint | None:
+        live = self._live
+        n = len(live)
+        if n == 0:
+            return None
+        cum = self._cum
+        if cum is not None:
+            ep = live[bisect_right(cum, random.random() * cum[-1])]
+        else:
+            i = self._next
+            self._next = i + 1 if i + 1 < n else 0
+            ep = live[i % n]
+        if ep is exclude and n > 1:
+            return self.pick(None) if cum is not None else live[self._next % n]
+        return ep
+
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return self._eps

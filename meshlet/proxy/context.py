@@ -1,0 +1,72 @@
+"""What every connection on one listener shares: direction, target, limits, metrics.
+
+One `ListenerCtx` per listener; connections hold a reference to it and look nothing
+up per request beyond what the request itself decides (its authority's stats).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from meshlet.config import ProxyConfig
+from meshlet.metrics.registry import HttpStats, Metrics, TcpStats
+from meshlet.proxy.balance import Target
+from meshlet.proxy.pool import Pool
+
+if TYPE_CHECKING:
+    from meshlet.proxy.server import Proxy
+
+__all__ = ["ListenerCtx"]
+
+
+class ListenerCtx:
+    __slots__ = (
+        "_by_host",
+        "authority",
+        "cfg",
+        "direction",
+        "loop",
+        "metrics",
+        "pool",
+        "proxy",
+        "strip_mesh",
+        "target",
+        "tcp_dst",
+        "tcp_src",
+        "tls",
+    )
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        direction: str,
+        target: Target,
+        authority: str | None,
+        strip_mesh: bool,
+    ) -> None:
+        self.proxy = proxy
+        self.loop: asyncio.AbstractEventLoop = proxy.loop
+        self.cfg: ProxyConfig = proxy.cfg
+        self.pool: Pool = proxy.pool
+        self.metrics: Metrics = proxy.metrics
+        self.direction = direction
+        self.target = target
+        self.authority = authority  # fixed label (outbound: the service), else per Host
+        self.strip_mesh = strip_mesh
+        # Plaintext until the identity issue lands; the label says why it is not TLS.
+        self.tls = "disabled"
+        self.tcp_src: TcpStats = self.metrics.tcp(direction, "src", self.tls)
+        self.tcp_dst: TcpStats = self.metrics.tcp(direction, "dst", self.tls)
+        self._by_host: dict[bytes, HttpStats] = {}
+
+    def http_stats(self, host: bytes) -> HttpStats:
+        st = self._by_host.get(host)
+        if st is None:
+            label = self.authority
+            if label is None:
+                label = host.decode("latin-1")
+            st = self.metrics.http(self.direction, label, self.tls)
+            if len(self._by_host) < 4096:
+                self._by_host[host] = st
+        return st

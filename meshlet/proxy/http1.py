@@ -1,0 +1,849 @@
+"""HTTP/1.x proxying: a client connection (`H1Downstream`) and pooled upstream
+connections (`H1Upstream`), as thin Protocol classes over `meshlet.proto.http1`.
+
+Rules:
+1. One exchange at a time per client connection. Pipelined requests wait in the client
+   buffer (reading pauses past `PIPELINE_LIMIT`) and are answered in order.
+2. Original bytes are forwarded whenever the head needs no rewriting; bodies always are.
+3. Backpressure both ways: a side whose transport says `pause_writing` pauses reading on
+   the other side until `resume_writing`. Reading on the client is paused for any of
+   several reasons at once (bit flags), and resumes when none is left.
+4. Nothing of a request is forwarded before its head has been fully validated, and a
+   framing error closes the connection: no byte after it is trusted.
+5. An upstream connection returns to the pool only after a complete exchange in which
+   both messages were read to their end and neither side asked to close.
+6. Timeouts use one lazy timer per connection: the hot path moves a deadline (a float)
+   and the timer re-arms itself when it fires early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from typing import TYPE_CHECKING
+
+from meshlet.api.endpoints import Endpoint
+from meshlet.proto.http1 import (
+    BODY_CHUNKED,
+    BODY_LENGTH,
+    BODY_NONE,
+    BODY_UNTIL_CLOSE,
+    ChunkedFramer,
+    LocalProtocolError,
+    RequestHead,
+    ResponseHead,
+    parse_request,
+    parse_response,
+    rewrite_head,
+)
+from meshlet.proxy.errors import error_response
+
+if TYPE_CHECKING:
+    from meshlet.metrics.registry import HttpStats
+    from meshlet.proxy.context import ListenerCtx
+
+__all__ = ["H1Downstream", "H1Upstream"]
+
+log = logging.getLogger("meshlet.http1")
+
+PIPELINE_LIMIT = 65536
+_IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+
+# Client connection states.
+S_HEAD = 0  # waiting for / reading a request head
+S_CONNECT = 1  # head parsed, waiting for an upstream connection
+S_BODY = 2  # streaming the request body upstream
+S_WAIT = 3  # request sent; waiting for the response to complete
+S_TUNNEL = 4  # after a 101: bytes both ways
+S_CLOSED = 5
+
+# Reasons the client side is not being read.
+P_UPSTREAM_FULL = 1
+P_CONNECT = 2
+P_PIPELINE = 4
+
+# Timer kinds.
+T_NONE = 0
+T_IDLE = 1
+T_HEAD = 2
+T_RESPONSE = 3
+T_STREAM = 4  # body or tunnel: fires only after an idle period with no progress
+
+
+class H1Downstream(asyncio.Protocol):
+    __slots__ = (
+        "_deadline",
+        "_progress",
+        "_seen_progress",
+        "_timer",
+        "_tkind",
+        "body_framer",
+        "body_left",
+        "buf",
+        "ctx",
+        "draining",
+        "ep",
+        "paused",
+        "req",
+        "req_bytes",
+        "resp_started",
+        "retried",
+        "started",
+        "state",
+        "stats",
+        "transport",
+        "up",
+    )
+
+    def __init__(self, ctx: ListenerCtx) -> None:
+        self.ctx = ctx
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.buf: bytes = b""
+        self.state = S_HEAD
+        self.up: H1Upstream | None = None
+        self.req: RequestHead | None = None
+        self.req_bytes: bytes | None = None  # whole request, kept while retry is possible
+        self.ep: Endpoint | None = None
+        self.body_left = 0
+        self.body_framer: ChunkedFramer | None = None
+        self.paused = 0
+        self.resp_started = False
+        self.retried = False
+        self.draining = False
+        self.started = 0.0
+        self.stats: HttpStats | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._tkind = T_NONE
+        self._progress = 0
+        self._seen_progress = -1
+
+    # --- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.ctx.proxy.conns.add(self)
+        self._arm(T_IDLE, self.ctx.cfg.idle_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        ctx = self.ctx
+        ctx.tcp_src.read_bytes += len(data)
+        st = self.state
+        if st == S_HEAD:
+            if self.buf:
+                self.buf += data
+            else:
+                self.buf = data
+            self._on_head_data()
+        elif st == S_BODY:
+            self._progress += 1
+            self._send_body(data)
+        elif st == S_TUNNEL:
+            self._progress += 1
+            up = self.up
+            if up is not None:
+                up.transport.write(data)
+                ctx.tcp_dst.write_bytes += len(data)
+        elif st == S_WAIT or st == S_CONNECT:
+            self.buf += data
+            if len(self.buf) > PIPELINE_LIMIT:
+                self._pause(P_PIPELINE)
+
+    def eof_received(self) -> bool | None:
+        if self.state == S_TUNNEL and self.up is not None:
+            if self.up.transport.can_write_eof():
+                self.up.transport.write_eof()
+                return True
+        if self.state == S_HEAD and not self.buf:
+            return None  # idle keep-alive connection closed by the client: fine
+        if self.state in (S_WAIT, S_CONNECT) or (self.state == S_BODY and self._body_unframed()):
+            # Half-close after a complete request: answer it, then close.
+            self.draining = True
+            return True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        prev = self.state
+        self.state = S_CLOSED
+        self._tkind = T_NONE
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        proxy = self.ctx.proxy
+        proxy.conns.discard(self)
+        self.ctx.tcp_src.closed += 1
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.down = None
+            if prev != S_HEAD:
+                up.abandon()
+        proxy.conn_closed()
+
+    def pause_writing(self) -> None:
+        up = self.up
+        if up is not None:
+            up.transport.pause_reading()
+            up.reading_paused = True
+
+    def resume_writing(self) -> None:
+        up = self.up
+        if up is not None and up.reading_paused:
+            up.reading_paused = False
+            up.transport.resume_reading()
+
+    # --- request side ----------------------------------------------------------------
+
+    def _on_head_data(self) -> None:
+        ctx = self.ctx
+        cfg = ctx.cfg
+        try:
+            req = parse_request(
+                self.buf, cfg.max_header_bytes, cfg.max_request_line_bytes, ctx.strip_mesh
+            )
+        except LocalProtocolError as e:
+            self._reject(e.status, e.reason)
+            return
+        if req is None:
+            if self._tkind != T_HEAD:
+                self._arm(T_HEAD, cfg.header_read_timeout)
+            return
+        self.req = req
+        self.started = ctx.loop.time()
+        st = self.stats = ctx.http_stats(req.host)
+        st.requests += 1
+        if self.draining:
+            req.close = True
+        rest = self.buf
+        end = req.end
+        self.buf = b""
+        self.resp_started = False
+        self.retried = False
+        # Prepare what goes upstream first: the head (maybe rewritten) and the body bytes
+        # that came with it.
+        if req.needs_rewrite or req.version == 10:
+            head = rewrite_head(req, ctx.strip_mesh, keep_upgrade=req.upgrade is not None)
+            if req.version == 10:
+                req.close = True
+        else:
+            head = req.raw
+        body = req.body
+        if body == BODY_NONE:
+            self.body_left = 0
+            if len(rest) > end:
+                self.buf = rest[end:]
+            self.req_bytes = head
+        elif body == BODY_LENGTH:
+            self.body_left = req.content_length
+            self.req_bytes = None
+        else:
+            self.body_framer = ChunkedFramer()
+            self.req_bytes = None
+        ep = ctx.target.pick()
+        if ep is None:
+            self._respond_error(503, "no_endpoints")
+            return
+        self.ep = ep
+        if body == BODY_NONE:
+            self._arm(T_RESPONSE, cfg.response_timeout)
+        else:
+            self._arm(T_STREAM, cfg.idle_timeout)
+        up = ctx.pool.get((ep.host, ep.port))
+        if up is not None:
+            self._attach(up)
+            self._start_exchange(head, rest, end)
+        else:
+            self.state = S_CONNECT
+            self._pause(P_CONNECT)
+            self.buf = rest[end:]
+            ctx.loop.create_task(self._connect(ep, head))
+
+    def _attach(self, up: H1Upstream) -> None:
+        self.up = up
+        up.down = self
+        up.begin(self.req.method if self.req is not None else b"GET",
+                 self.req is not None and self.req.upgrade is not None)
+
+    def _start_exchange(self, head: bytes, rest: bytes, end: int) -> None:
+        """Send the head and whatever body bytes came with it (`rest[end:]`)."""
+        up = self.up
+        assert up is not None and self.req is not None
+        req = self.req
+        if req.body != BODY_NONE and head is req.raw and len(rest) > end:
+            # One write for head and body: split off only what belongs to the next request.
+            self.state = S_BODY
+            n = self._body_span(rest, end)
+            if n < 0:
+                return
+            up.transport.write(rest[:n] if n < len(rest) else rest)
+            self.ctx.tcp_dst.write_bytes += n
+            self._after_body_chunk(rest, n)
+            return
+        self._send_head(head, rest[end:] if len(rest) > end else b"")
+
+    def _send_head(self, head: bytes, body: bytes) -> None:
+        """Write the head, then the body bytes (for BODY_NONE, `body` is pipelined)."""
+        up = self.up
+        assert up is not None and self.req is not None
+        up.transport.write(head)
+        self.ctx.tcp_dst.write_bytes += len(head)
+        if self.req.body == BODY_NONE:
+            self.state = S_WAIT
+            if body:
+                self.buf = body
+            if len(self.buf) > PIPELINE_LIMIT:
+                self._pause(P_PIPELINE)
+            return
+        self.state = S_BODY
+        if body:
+            self._send_body(body)
+        elif self._body_unframed():
+            self._body_complete()
+
+    def _body_span(self, data: bytes, start: int) -> int:
+        """How far into `data` (from `start`) the current request body reaches; -1 after
+        an error has been handled."""
+        if self.body_framer is None:
+            take = min(self.body_left, len(data) - start)
+            self.body_left -= take
+            return start + take
+        try:
+            return self.body_framer.feed(data, start)
+        except LocalProtocolError as e:
+            self._abort_exchange(e.status, e.reason)
+            return -1
+
+    def _body_unframed(self) -> bool:
+        return (self.body_framer is None and self.body_left == 0) or (
+            self.body_framer is not None and self.body_framer.done
+        )
+
+    def _send_body(self, data: bytes) -> None:
+        up = self.up
+        n = self._body_span(data, 0)
+        if n < 0 or up is None:
+            return
+        if n:
+            up.transport.write(data if n == len(data) else data[:n])
+            self.ctx.tcp_dst.write_bytes += n
+        self._after_body_chunk(data, n)
+
+    def _after_body_chunk(self, data: bytes, n: int) -> None:
+        if self._body_unframed():
+            if n < len(data):
+                self.buf += data[n:]
+                if len(self.buf) > PIPELINE_LIMIT:
+                    self._pause(P_PIPELINE)
+            self._body_complete()
+
+    def _body_complete(self) -> None:
+        self.body_framer = None
+        if self.state == S_BODY:
+            self.state = S_WAIT
+            if not self.resp_started:
+                self._arm(T_RESPONSE, self.ctx.cfg.response_timeout)
+
+    async def _connect(self, ep: Endpoint, head: bytes) -> None:
+        ctx = self.ctx
+        loop = ctx.loop
+        attempts = min(3, max(1, len(ctx.target.endpoints())))
+        reason = "connect_failed"
+        status = 502
+        for attempt in range(attempts):
+            try:
+                _t, up = await asyncio.wait_for(
+                    loop.create_connection(lambda: H1Upstream(ctx, ep), ep.host, ep.port),
+                    ctx.cfg.connect_timeout,
+                )
+                break
+            except TimeoutError:
+                status, reason = 504, "connect_timeout"
+            except OSError as e:
+                status = 502
+                reason = _errno_reason(e, "connect")
+            log.debug("connect to %s failed: %s", ep.addr, reason)
+            if attempt + 1 < attempts:
+                nxt = ctx.target.pick(exclude=ep)
+                if nxt is None:
+                    break
+                ep = self.ep = nxt
+        else:
+            up = None  # pragma: no cover - loop always breaks or exhausts
+        if up is None or self.state != S_CONNECT or self.transport.is_closing():
+            if up is not None:
+                up.close_idle()
+            elif self.state == S_CONNECT:
+                self._respond_error(status, reason)
+            return
+        self._attach(up)
+        self._unpause(P_CONNECT)
+        buf, self.buf = self.buf, b""
+        self._send_head(head, buf)
+
+    # --- response side (called by H1Upstream) -----------------------------------------
+
+    def response_head(self, resp: ResponseHead) -> bytes | None:
+        """The bytes to send the client for this head (None: send the original)."""
+        req = self.req
+        assert req is not None
+        status = resp.status
+        if status < 200 and status != 101:
+            return rewrite_head(resp, False) if resp.needs_rewrite else None
+        st = self.stats
+        if st is not None:
+            st.response(status, (self.ctx.loop.time() - self.started) * 1000.0)
+        self.resp_started = True
+        if status == 101:
+            self._tkind = T_NONE  # tunnels, like opaque TCP, have no idle timeout
+            return rewrite_head(resp, False, keep_upgrade=True) if resp.needs_rewrite else None
+        self._arm(T_STREAM, self.ctx.cfg.idle_timeout)
+        close = req.close or self.draining or resp.body == BODY_UNTIL_CLOSE
+        if close:
+            self.draining = True
+            return rewrite_head(resp, False, add=b"connection: close\r\n")
+        if resp.needs_rewrite:
+            return rewrite_head(resp, False)
+        return None
+
+    def response_done(self, reusable: bool) -> None:
+        """The response has been forwarded whole."""
+        up = self.up
+        self.up = None
+        if up is not None:
+            up.down = None
+            if reusable and self.state == S_WAIT:
+                up.release()
+            else:
+                up.close_idle()
+        if self.state != S_WAIT or self.draining or self.ctx.proxy.draining:
+            # Closing by request, by shutdown, or answered before the request body ended
+            # (then the next request's start is unknown).
+            self.state = S_CLOSED
+            self._tkind = T_NONE
+            self.transport.close()
+            return
+        self.req = None
+        self.state = S_HEAD
+        self._unpause(P_PIPELINE)
+        if self.buf:
+            self._on_head_data()
+        else:
+            self._arm(T_IDLE, self.ctx.cfg.idle_timeout)
+
+    def start_tunnel(self, up: H1Upstream) -> None:
+        self.state = S_TUNNEL
+        self._unpause(P_PIPELINE)
+        if self.buf:
+            data, self.buf = self.buf, b""
+            up.transport.write(data)
+            self.ctx.tcp_dst.write_bytes += len(data)
+
+    def upstream_lost(self, up: H1Upstream, got_bytes: bool, exc: Exception | None) -> None:
+        """The upstream connection closed before the response was complete."""
+        self.up = None
+        if self.state == S_CLOSED:
+            return
+        if self.state == S_TUNNEL:
+            self.transport.close()
+            return
+        req = self.req
+        if (
+            not got_bytes
+            and up.reused
+            and not self.retried
+            and req is not None
+            and self.req_bytes is not None
+            and req.method in _IDEMPOTENT
+        ):
+            # A pooled connection the server closed as we wrote: safe to send again.
+            self.retried = True
+            self.state = S_CONNECT
+            self._pause(P_CONNECT)
+            assert self.ep is not None
+            self.ctx.loop.create_task(self._connect(self.ep, self.req_bytes))
+            return
+        if self.resp_started:
+            self.transport.abort()
+            return
+        reason = _errno_reason(exc, "upstream") if exc is not None else "upstream_closed"
+        self._respond_error(502, reason)
+
+    def upstream_error(self, status: int, reason: str) -> None:
+        """The upstream sent something we refuse (framing): never pass it on."""
+        self.up = None
+        if self.resp_started:
+            self.transport.abort()
+        else:
+            self._respond_error(status, reason)
+
+    def progress(self) -> None:
+        self._progress += 1
+
+    # --- errors, pausing, timers ------------------------------------------------------
+
+    def _reject(self, status: int, reason: str) -> None:
+        """A malformed request: answer and close; nothing is forwarded."""
+        self.ctx.metrics.counter(
+            "http_request_errors_total", "Requests refused as malformed, by reason.",
+            (("direction", self.ctx.direction), ("reason", reason)),
+        )
+        self._respond_error(status, reason)
+
+    def _respond_error(self, status: int, reason: str) -> None:
+        if self.state == S_CLOSED:
+            return
+        if self.req is not None and self.stats is not None:
+            self.stats.response(status, (self.ctx.loop.time() - self.started) * 1000.0)
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.down = None
+            up.abandon()
+        self.state = S_CLOSED
+        self._tkind = T_NONE
+        data = error_response(status, reason)
+        self.transport.write(data)
+        self.ctx.tcp_src.write_bytes += len(data)
+        self.transport.close()
+
+    def _abort_exchange(self, status: int, reason: str) -> None:
+        self.ctx.metrics.counter(
+            "http_request_errors_total", "Requests refused as malformed, by reason.",
+            (("direction", self.ctx.direction), ("reason", reason)),
+        )
+        if self.resp_started:
+            up = self.up
+            if up is not None:
+                up.abandon()
+            self.state = S_CLOSED
+            self.transport.abort()
+        else:
+            self._respond_error(status, reason)
+
+    def _pause(self, why: int) -> None:
+        if not self.paused:
+            self.transport.pause_reading()
+        self.paused |= why
+
+    def _unpause(self, why: int) -> None:
+        if self.paused & why:
+            self.paused &= ~why
+            if not self.paused and self.state != S_CLOSED:
+                self.transport.resume_reading()
+
+    def upstream_paused(self) -> None:
+        self._pause(P_UPSTREAM_FULL)
+
+    def upstream_resumed(self) -> None:
+        self._unpause(P_UPSTREAM_FULL)
+
+    def _arm(self, kind: int, delay: float) -> None:
+        loop = self.ctx.loop
+        when = loop.time() + delay
+        self._tkind = kind
+        self._deadline = when
+        self._seen_progress = self._progress
+        t = self._timer
+        if t is None:
+            self._timer = loop.call_at(when, self._on_timer)
+        elif when < t.when():
+            t.cancel()
+            self._timer = loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        kind = self._tkind
+        if kind == T_NONE or self.state == S_CLOSED:
+            return
+        loop = self.ctx.loop
+        now = loop.time()
+        if kind == T_STREAM and self._progress != self._seen_progress:
+            self._seen_progress = self._progress
+            self._deadline = now + self.ctx.cfg.idle_timeout
+        if now < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._on_timer)
+            return
+        if kind == T_IDLE or (kind == T_HEAD and not self.buf):
+            self.state = S_CLOSED
+            self.transport.close()
+        elif kind == T_HEAD:
+            self._reject(408, "request_header_timeout")
+        elif kind == T_RESPONSE and not self.resp_started:
+            self._respond_error(504, "response_timeout")
+        else:
+            self.state = S_CLOSED
+            up = self.up
+            if up is not None:
+                up.abandon()
+            self.transport.abort()
+
+    def shutdown(self) -> None:
+        """Graceful shutdown: close now if idle, else after the current response."""
+        self.draining = True
+        if self.state == S_HEAD and not self.buf:
+            self.state = S_CLOSED
+            self.transport.close()
+
+
+def _errno_reason(exc: BaseException | None, where: str) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return f"{where}_refused"
+    if isinstance(exc, ConnectionResetError):
+        return f"{where}_reset"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        name = errno.errorcode.get(exc.errno, str(exc.errno)).lower()
+        return f"{where}_{name}"
+    return f"{where}_failed"
+
+
+class H1Upstream(asyncio.Protocol):
+    """One connection to an upstream endpoint; pooled between exchanges."""
+
+    __slots__ = (
+        "_framer",
+        "body_left",
+        "buf",
+        "ctx",
+        "down",
+        "ep",
+        "got_bytes",
+        "head",
+        "idle_since",
+        "key",
+        "method",
+        "reading_paused",
+        "reused",
+        "state",
+        "transport",
+        "upgrading",
+    )
+
+    # States
+    U_IDLE = 0
+    U_HEAD = 1
+    U_BODY = 2
+    U_TUNNEL = 3
+    U_CLOSED = 4
+
+    def __init__(self, ctx: ListenerCtx, ep: Endpoint) -> None:
+        self.ctx = ctx
+        self.ep = ep
+        self.key = (ep.host, ep.port)
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.down: H1Downstream | None = None
+        self.buf = b""
+        self.state = self.U_IDLE
+        self.head: ResponseHead | None = None
+        self.body_left = 0
+        self._framer: ChunkedFramer | None = None
+        self.method = b"GET"
+        self.upgrading = False
+        self.got_bytes = False
+        self.reused = False
+        self.reading_paused = False
+        self.idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.ctx.tcp_dst.opened += 1
+
+    def begin(self, method: bytes, upgrading: bool) -> None:
+        self.state = self.U_HEAD
+        self.method = method
+        self.upgrading = upgrading
+        self.got_bytes = False
+        self.head = None
+
+    def reusable(self) -> bool:
+        h = self.head
+        return self.state == self.U_IDLE and h is not None and not h.close and not self.buf
+
+    def release(self) -> None:
+        self.reused = True
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        self.ctx.pool.put(self.key, self)
+
+    def close_idle(self) -> None:
+        self.state = self.U_CLOSED
+        self.down = None
+        self.transport.close()
+
+    def abandon(self) -> None:
+        """The client went away mid-exchange: this connection's state is unknown."""
+        self.state = self.U_CLOSED
+        self.down = None
+        self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        ctx = self.ctx
+        ctx.tcp_dst.read_bytes += len(data)
+        st = self.state
+        down = self.down
+        if st == self.U_TUNNEL:
+            if down is not None:
+                down.transport.write(data)
+                ctx.tcp_src.write_bytes += len(data)
+                down._progress += 1
+            return
+        if down is None or st == self.U_IDLE or st == self.U_CLOSED:
+            # Bytes nobody asked for (or after the response): the connection is unusable.
+            self.abandon()
+            ctx.pool.discard(self.key, self)
+            return
+        self.got_bytes = True
+        if st == self.U_BODY:
+            down._progress += 1
+            self._body(data, 0, down)
+            return
+        buf = self.buf + data if self.buf else data
+        self.buf = b""
+        self._heads(buf, down)
+
+    def _heads(self, buf: bytes, down: H1Downstream) -> None:
+        ctx = self.ctx
+        while True:
+            try:
+                resp = parse_response(buf, self.method, self.upgrading)
+            except LocalProtocolError as e:
+                self.abandon()
+                ctx.metrics.counter(
+                    "http_response_errors_total",
+                    "Upstream responses refused as malformed, by reason.",
+                    (("direction", ctx.direction), ("reason", e.reason)),
+                )
+                down.upstream_error(e.status, e.reason)
+                return
+            if resp is None:
+                self.buf = buf
+                return
+            status = resp.status
+            out = down.response_head(resp)
+            end = resp.end
+            if status < 200 and status != 101:
+                # Interim (100 Continue, 103 Early Hints): pass on to 1.1 clients only.
+                req = down.req
+                if req is not None and req.version == 11:
+                    self._write_down(down, out if out is not None else resp.raw)
+                buf = buf[end:]
+                if not buf:
+                    return
+                continue
+            self.head = resp
+            if status == 101:
+                if not self.upgrading:
+                    self.abandon()
+                    down.upstream_error(502, "unexpected_switching_protocols")
+                    return
+                self._write_down(down, out if out is not None else resp.raw)
+                self.state = self.U_TUNNEL
+                down.start_tunnel(self)
+                if len(buf) > end:
+                    self._write_down(down, buf[end:])
+                return
+            body = resp.body
+            if body == BODY_NONE:
+                self._write_down(down, out if out is not None else resp.raw)
+                if len(buf) > end:
+                    self.buf = buf[end:]  # extra bytes: not reusable
+                self._done(down)
+                return
+            self.state = self.U_BODY
+            if body == BODY_LENGTH:
+                self.body_left = resp.content_length
+                self._framer = None
+            elif body == BODY_CHUNKED:
+                self._framer = ChunkedFramer()
+            else:
+                self._framer = None
+                self.body_left = -1
+            if out is None:
+                self._body(buf, 0, down, end)
+            else:
+                self._write_down(down, out)
+                if len(buf) > end:
+                    self._body(buf, end, down)
+            return
+
+    def _body(self, data: bytes, start: int, down: H1Downstream, head_end: int = -1) -> None:
+        """Forward the body bytes in `data[start:]`; when `head_end` >= 0 the original
+        head `data[:head_end]` goes out in the same write."""
+        n = len(data)
+        from_ = start if head_end < 0 else 0
+        body_start = start if head_end < 0 else head_end
+        if self._framer is not None:
+            try:
+                end = self._framer.feed(data, body_start)
+            except LocalProtocolError as e:
+                if from_ < body_start:
+                    down.resp_started = False  # nothing sent yet: the client gets a 502
+                self.abandon()
+                self.ctx.metrics.counter(
+                    "http_response_errors_total",
+                    "Upstream responses refused as malformed, by reason.",
+                    (("direction", self.ctx.direction), ("reason", e.reason)),
+                )
+                down.upstream_error(502, e.reason)
+                return
+            done = self._framer.done
+        elif self.body_left >= 0:
+            take = min(self.body_left, n - body_start)
+            self.body_left -= take
+            end = body_start + take
+            done = self.body_left == 0
+        else:
+            end = n
+            done = False
+        if end > from_:
+            self._write_down(down, data if (from_ == 0 and end == n) else data[from_:end])
+        if done:
+            if end < n:
+                self.buf = data[end:]  # bytes past the response: not reusable
+            self._framer = None
+            self._done(down)
+
+    def _write_down(self, down: H1Downstream, data: bytes) -> None:
+        down.transport.write(data)
+        self.ctx.tcp_src.write_bytes += len(data)
+
+    def _done(self, down: H1Downstream) -> None:
+        self.state = self.U_IDLE
+        down.response_done(self.reusable())
+
+    def eof_received(self) -> bool | None:
+        if self.state == self.U_TUNNEL and self.down is not None:
+            t = self.down.transport
+            if t.can_write_eof():
+                t.write_eof()
+                return True
+            return None
+        if self.state == self.U_BODY and self.body_left == -1 and self._framer is None:
+            down = self.down
+            self.state = self.U_IDLE
+            self.head = None  # read-until-close: never reusable
+            if down is not None:
+                down.response_done(False)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        st = self.state
+        self.state = self.U_CLOSED
+        self.ctx.tcp_dst.closed += 1
+        down = self.down
+        self.down = None
+        if down is not None and st != self.U_IDLE:
+            down.upstream_lost(self, self.got_bytes, exc)
+        elif down is None and st == self.U_IDLE:
+            self.ctx.pool.discard(self.key, self)
+
+    def pause_writing(self) -> None:
+        down = self.down
+        if down is not None:
+            down.upstream_paused()
+
+    def resume_writing(self) -> None:
+        down = self.down
+        if down is not None:
+            down.upstream_resumed()

@@ -1,0 +1,99 @@
+"""Accepting connections: limits, protocol detection, hand-off.
+
+Rules:
+1. Every accepted connection counts against `max_connections`; past it the connection
+   is closed at once and counted (`tcp_refused_total`).
+2. On opaque targets detection is skipped: the relay starts before any byte is read, so
+   server-speaks-first protocols never wait.
+3. Otherwise the first bytes decide (`meshlet.proto.detect`) under `detect_timeout`; a
+   timeout falls back to opaque TCP and is counted (`protocol_detect_timeout_total`).
+4. The chosen handler takes the transport over with `set_protocol`, so detection costs
+   nothing after the first bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from meshlet.proto.detect import Proto, detect
+from meshlet.proxy.context import ListenerCtx
+from meshlet.proxy.http1 import H1Downstream
+from meshlet.proxy.tcp import start_relay
+
+__all__ = ["Accepted"]
+
+
+class Accepted(asyncio.Protocol):
+    __slots__ = ("buf", "ctx", "timer", "transport")
+
+    def __init__(self, ctx: ListenerCtx) -> None:
+        self.ctx = ctx
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.buf = b""
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        t: asyncio.Transport = transport  # type: ignore[assignment]
+        self.transport = t
+        ctx = self.ctx
+        proxy = ctx.proxy
+        if not proxy.conn_opened():
+            ctx.metrics.counter("tcp_refused_total", "Connections closed at accept because "
+                                "a limit was reached or the proxy is shutting down.",
+                                (("direction", ctx.direction),))
+            t.abort()
+            return
+        ctx.tcp_src.opened += 1
+        if ctx.target.opaque:
+            start_relay(ctx, t, b"")
+            return
+        self.timer = ctx.loop.call_later(ctx.cfg.detect_timeout, self._timeout)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        proto = detect(buf)
+        if proto is None:
+            self.buf = buf
+            return
+        self._hand_off(proto, buf)
+
+    def _hand_off(self, proto: Proto, buf: bytes) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        ctx = self.ctx
+        t = self.transport
+        if proto is Proto.HTTP1:
+            h = H1Downstream(ctx)
+            t.set_protocol(h)
+            h.connection_made(t)
+            if buf:
+                h.data_received(buf)
+            return
+        # HTTP/2, TLS that is not ours and anything else: opaque until their issues land.
+        ctx.metrics.counter("protocol_detect_total", "Connections by detected protocol.",
+                            (("direction", ctx.direction), ("protocol", proto.value)))
+        start_relay(ctx, t, buf)
+
+    def _timeout(self) -> None:
+        self.timer = None
+        ctx = self.ctx
+        ctx.metrics.counter("protocol_detect_timeout_total",
+                            "Connections that sent too little to detect a protocol in time "
+                            "and were proxied as opaque TCP.", (("direction", ctx.direction),))
+        self._hand_off(Proto.OPAQUE, self.buf)
+
+    def eof_received(self) -> bool | None:
+        if self.buf:
+            # A client that sent a few bytes and a FIN: decide now, as opaque.
+            self._hand_off(Proto.OPAQUE, self.buf)
+            handler = self.transport.get_protocol()
+            return handler.eof_received()  # type: ignore[attr-defined, no-any-return]
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.ctx.tcp_src.closed += 1
+            self.ctx.proxy.conn_closed()

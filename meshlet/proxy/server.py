@@ -1,0 +1,222 @@
+"""The proxy process: listeners, discovery state, admin server, graceful shutdown.
+
+Rules:
+1. The inbound listener forwards to the app (`MESHLET_APP_ADDR`); each outbound listener
+   is bound to one service whose endpoints come from the static endpoints file (later:
+   the control plane's stream of the same `EndpointSet` messages).
+2. The endpoints file is re-read when it changes; a bad edit is logged and counted and
+   the last good endpoints stay in force.
+3. Shutdown (SIGTERM, SIGINT or POST /shutdown): stop accepting, close idle keep-alive
+   connections, let in-flight exchanges finish within `shutdown_grace`, then exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from typing import Any, Protocol
+
+from meshlet.api.endpoints import EndpointSet, EndpointsFileError, load_endpoints_file
+from meshlet.config import Addr, ProxyConfig
+from meshlet.metrics.registry import Metrics
+from meshlet.proxy.balance import Balancer, Fixed, Target
+from meshlet.proxy.context import ListenerCtx
+from meshlet.proxy.listener import Accepted
+from meshlet.proxy.pool import Pool
+
+__all__ = ["Proxy", "run_proxy"]
+
+log = logging.getLogger("meshlet.proxy")
+
+
+class _Conn(Protocol):
+    def shutdown(self) -> None: ...
+
+
+class Proxy:
+    def __init__(self, cfg: ProxyConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.cfg = cfg
+        self.loop = loop
+        self.metrics = Metrics()
+        self.pool = Pool(loop, cfg.pool_idle_timeout, cfg.pool_max_idle)
+        self.conns: set[Any] = set()
+        self.n_conns = 0
+        self.draining = False
+        self.ready = False
+        self.servers: list[asyncio.AbstractServer] = []
+        self.balancers: dict[str, Balancer] = {}
+        self.endpoint_sets: dict[str, EndpointSet] = {}
+        self.listeners: list[dict[str, str]] = []
+        self.done = asyncio.Event()
+        self._shutdown_task: asyncio.Task[None] | None = None
+        self._file_mtime: float | None = None
+        self.metrics.gauge("pool_idle_connections", "Idle pooled upstream connections.",
+                           lambda: [((), float(self.pool.idle_count()))])
+        self.metrics.gauge("process_open_connections", "Client connections open now.",
+                           lambda: [((), float(self.n_conns))])
+
+    # --- connection accounting --------------------------------------------------------
+
+    def conn_opened(self) -> bool:
+        if self.draining or self.n_conns >= self.cfg.max_connections:
+            return False
+        self.n_conns += 1
+        return True
+
+    def conn_closed(self) -> None:
+        self.n_conns -= 1
+
+    # --- start ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        if cfg.endpoints_file:
+            self.endpoint_sets = load_endpoints_file(cfg.endpoints_file)
+            self._file_mtime = _mtime(cfg.endpoints_file)
+        if cfg.inbound_listen is not None and cfg.app_addr is not None:
+            app = cfg.app_addr
+            target: Target = Fixed(str(app), app.host, app.port, app.port in cfg.opaque_ports)
+            await self._listen(cfg.inbound_listen, ListenerCtx(self, "inbound", target, None,
+                                                               strip_mesh=True), str(app))
+        for b in cfg.outbound:
+            bal = Balancer(b.service, b.opaque)
+            bal.update(self.endpoint_sets.get(b.service), cfg.opaque_ports)
+            bal.opaque = bal.opaque or b.opaque
+            self.balancers[b.service] = bal
+            await self._listen(b.listen, ListenerCtx(self, "outbound", bal, b.service,
+                                                     strip_mesh=False), b.service)
+        if cfg.endpoints_file:
+            self.loop.create_task(self._watch_file(cfg.endpoints_file))
+        from meshlet.proxy.admin import start_admin
+
+        self.servers.append(await start_admin(self, cfg.admin_listen))
+        self.ready = True
+        mode = "standalone, plaintext (no control plane)"
+        log.info("meshlet proxy ready: %s; admin on %s", mode, cfg.admin_listen)
+
+    async def _listen(self, addr: Addr, ctx: ListenerCtx, target: str) -> None:
+        server = await self.loop.create_server(
+            lambda: Accepted(ctx), addr.host, addr.port, reuse_address=True, backlog=1024
+        )
+        self.servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        self.listeners.append({"direction": ctx.direction, "listen": f"{addr.host}:{port}",
+                               "target": target, "opaque": str(ctx.target.opaque).lower()})
+        log.info("%s listener on %s:%d -> %s", ctx.direction, addr.host, port, target)
+
+    async def _watch_file(self, path: str) -> None:
+        while not self.draining:
+            await asyncio.sleep(1.0)
+            m = _mtime(path)
+            if m is None or m == self._file_mtime:
+                continue
+            self._file_mtime = m
+            try:
+                sets = load_endpoints_file(path)
+            except EndpointsFileError as e:
+                self.metrics.counter("endpoints_file_errors_total",
+                                     "Edits of the endpoints file refused as invalid.")
+                log.error("endpoints file refused, keeping the last good state:\n%s", e)
+                continue
+            self.apply_endpoints(sets)
+
+    def apply_endpoints(self, sets: dict[str, EndpointSet]) -> None:
+        for name, es in sets.items():
+            old = self.endpoint_sets.get(name)
+            if old is not None and old.endpoints == es.endpoints and old.opaque == es.opaque:
+                sets[name] = old
+            else:
+                sets[name] = EndpointSet(es.service, (old.version + 1) if old else 1,
+                                         es.endpoints, es.opaque)
+        self.endpoint_sets = sets
+        for name, bal in self.balancers.items():
+            bal.update(sets.get(name), self.cfg.opaque_ports)
+        log.info("endpoints updated: %s", ", ".join(
+            f"{n}={len(s.endpoints)}" for n, s in sorted(sets.items())))
+
+    # --- admin views ------------------------------------------------------------------
+
+    def config_view(self) -> dict[str, Any]:
+        return {
+            "mode": "standalone",
+            "tls": "disabled: no control plane configured (plaintext)",
+            "config": self.cfg.to_json(),
+            "listeners": self.listeners,
+            "endpoints": {
+                name: {
+                    "version": bal.version,
+                    "opaque": bal.opaque,
+                    "endpoints": [e.to_json() for e in bal.endpoints()],
+                }
+                for name, bal in self.balancers.items()
+            },
+            "pid": os.getpid(),
+        }
+
+    # --- shutdown ---------------------------------------------------------------------
+
+    def begin_shutdown(self) -> None:
+        if self._shutdown_task is None:
+            self._shutdown_task = self.loop.create_task(self._shutdown())
+
+    async def _shutdown(self) -> None:
+        log.info("shutting down: draining %d connection(s), grace %.1fs",
+                 self.n_conns, self.cfg.shutdown_grace)
+        self.draining = True
+        self.ready = False
+        admin = self.servers[-1] if self.servers else None
+        for s in self.servers:
+            if s is not admin:
+                s.close()
+        for c in list(self.conns):
+            c.shutdown()
+        deadline = self.loop.time() + self.cfg.shutdown_grace
+        while self.n_conns > 0 and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        left = self.n_conns
+        for c in list(self.conns):
+            t = getattr(c, "transport", None)
+            if t is not None:
+                t.abort()
+        self.pool.close_all()
+        if admin is not None:
+            admin.close()
+        if left:
+            log.warning("grace period over: %d connection(s) cut", left)
+        log.info("shutdown complete")
+        self.done.set()
+
+
+def _mtime(path: str) -> float | None:
+    try:
+        return os.stat(path).st_mtime_ns / 1e9
+    except OSError:
+        return None
+
+
+async def _main(cfg: ProxyConfig) -> int:
+    loop = asyncio.get_running_loop()
+    proxy = Proxy(cfg, loop)
+    try:
+        await proxy.start()
+    except EndpointsFileError as e:
+        log.error("invalid endpoints file:\n%s", e)
+        return 64
+    except OSError as e:
+        log.error("cannot listen: %s", e)
+        return 1
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, proxy.begin_shutdown)
+    await proxy.done.wait()
+    return 0
+
+
+def run_proxy(cfg: ProxyConfig) -> int:
+    """Run the proxy until shut down; returns the exit status."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.run(_main(cfg))
+    return uvloop.run(_main(cfg))  # type: ignore[no-any-return]

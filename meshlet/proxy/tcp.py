@@ -1,0 +1,178 @@
+"""Opaque TCP: bytes both ways, with backpressure and half-close.
+
+Rules:
+1. Each side is a Protocol that writes what it reads to the other side's transport.
+2. When a side's transport says `pause_writing`, the other side stops reading, and
+   resumes on `resume_writing`: memory stays bounded by the transports' high-water marks.
+3. EOF from one side becomes `write_eof()` (a FIN) on the other; the connection closes
+   when both directions have ended, or at once on an error (reset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from meshlet.api.endpoints import Endpoint
+
+if TYPE_CHECKING:
+    from meshlet.metrics.registry import TcpStats
+    from meshlet.proxy.context import ListenerCtx
+
+__all__ = ["start_relay"]
+
+log = logging.getLogger("meshlet.tcp")
+
+
+class _Side(asyncio.Protocol):
+    __slots__ = ("eof", "peer", "reads", "transport", "writes")
+
+    def __init__(self, reads: TcpStats, writes: TcpStats) -> None:
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.peer: _Side | None = None
+        self.eof = False
+        self.reads = reads  # stats counting bytes read on this side
+        self.writes = writes  # stats counting bytes the peer writes out (the other side)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.reads.read_bytes += len(data)
+        peer = self.peer
+        if peer is not None:
+            peer.transport.write(data)
+            self.writes.write_bytes += len(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        if peer is None:
+            return True  # not connected yet; `_Client.attach` forwards the FIN
+        if peer.eof:
+            self.transport.close()
+            peer.transport.close()
+            return True
+        if peer.transport.can_write_eof():
+            peer.transport.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        peer = self.peer
+        self.peer = None
+        if peer is not None:
+            peer.peer = None
+            if exc is None:
+                peer.transport.close()
+            else:
+                peer.transport.abort()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.transport.resume_reading()
+
+
+class _Client(_Side):
+    """The accepted side: buffers what arrives before the upstream is connected."""
+
+    __slots__ = ("ctx", "pending")
+
+    def __init__(self, ctx: ListenerCtx) -> None:
+        super().__init__(ctx.tcp_src, ctx.tcp_dst)
+        self.ctx = ctx
+        self.pending: list[bytes] = []
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is None:
+            self.reads.read_bytes += len(data)
+            self.pending.append(data)
+            return
+        super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ctx.tcp_src.closed += 1
+        self.ctx.proxy.conns.discard(self)
+        self.ctx.proxy.conn_closed()
+        super().connection_lost(exc)
+
+    def attach(self, up: _Side) -> None:
+        self.peer = up
+        up.peer = self
+        for chunk in self.pending:
+            up.transport.write(chunk)
+            self.writes.write_bytes += len(chunk)
+        self.pending = []
+        if self.eof and up.transport.can_write_eof():
+            up.transport.write_eof()
+        self.transport.resume_reading()
+
+    def shutdown(self) -> None:
+        """Graceful shutdown: opaque streams are left to finish within the grace period."""
+
+
+class _Upstream(_Side):
+    __slots__ = ("ctx",)
+
+    def __init__(self, ctx: ListenerCtx) -> None:
+        super().__init__(ctx.tcp_dst, ctx.tcp_src)
+        self.ctx = ctx
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.ctx.tcp_dst.opened += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ctx.tcp_dst.closed += 1
+        super().connection_lost(exc)
+
+
+def start_relay(ctx: ListenerCtx, transport: asyncio.Transport, first: bytes) -> None:
+    """Take over an accepted connection as an opaque TCP relay."""
+    client = _Client(ctx)
+    transport.set_protocol(client)
+    client.connection_made(transport)
+    ctx.proxy.conns.add(client)
+    if first:
+        ctx.tcp_src.read_bytes += len(first)
+        client.pending.append(first)
+    transport.pause_reading()
+    ep = ctx.target.pick()
+    if ep is None:
+        ctx.metrics.counter("tcp_connect_errors_total", "Opaque TCP connections that found "
+                            "no upstream, by reason.",
+                            (("direction", ctx.direction), ("reason", "no_endpoints")))
+        transport.close()
+        return
+    ctx.loop.create_task(_connect(ctx, client, ep))
+
+
+async def _connect(ctx: ListenerCtx, client: _Client, ep: Endpoint) -> None:
+    attempts = min(3, max(1, len(ctx.target.endpoints())))
+    for attempt in range(attempts):
+        try:
+            _t, up = await asyncio.wait_for(
+                ctx.loop.create_connection(lambda: _Upstream(ctx), ep.host, ep.port),
+                ctx.cfg.connect_timeout,
+            )
+        except (OSError, TimeoutError) as e:
+            reason = "connect_timeout" if isinstance(e, TimeoutError) else "connect_failed"
+            log.debug("tcp connect to %s failed: %s", ep.addr, e)
+            ctx.metrics.counter("tcp_connect_errors_total", "Opaque TCP connections that "
+                                "found no upstream, by reason.",
+                                (("direction", ctx.direction), ("reason", reason)))
+            nxt = ctx.target.pick(exclude=ep) if attempt + 1 < attempts else None
+            if nxt is None:
+                break
+            ep = nxt
+            continue
+        if client.transport.is_closing():
+            up.transport.close()
+            return
+        client.attach(up)
+        return
+    client.transport.abort()  # a reset tells the client the upstream was unreachable
