@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -24,6 +23,7 @@ from bench import report
 from bench.backend import start_nginx, start_sink
 from bench.common import LOAD_CORE, MIB, PROXY_CORE, BenchError
 from bench.loadgen import hey_argv, wrk_argv
+from bench.machine import idle_check, idle_problems, machine_info
 from bench.procs import stop_all
 from bench.scenarios import H1, SCENARIO_NAMES, TCP, Backends, Settings, Trial, run_trial
 from bench.systems import SYSTEM_NAMES, VERSIONS, tool_versions
@@ -91,25 +91,6 @@ def rotated(systems: list[str], rep: int) -> list[str]:
 # ---- environment ----------------------------------------------------------------
 
 
-def machine_info() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "kernel": platform.release(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "python_full": sys.version,
-        "loadavg_at_start": os.getloadavg(),
-        "clk_tck": os.sysconf("SC_CLK_TCK"),
-    }
-
-
 def check_machine() -> None:
     if (os.cpu_count() or 0) < 2:
         raise BenchError("needs at least 2 CPUs (proxy on core 0, load on core 1)")
@@ -124,6 +105,7 @@ def cleanup_on_signals() -> Iterator[None]:
     """Turn SIGTERM/SIGHUP into SystemExit so finally-blocks stop every child."""
 
     def handler(signum: int, _frame: FrameType | None) -> None:
+        print(f"bench: got signal {signum}; stopping all children", file=sys.stderr)
         raise SystemExit(128 + signum)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
@@ -195,7 +177,7 @@ def build_document(
         },
         "summary": summary,
         "ratios": report.ratios(summary),
-        "problems": report.problems(trials),
+        "problems": idle_problems(meta["idle_check"]) + report.problems(trials),
         "trials": [asdict(t) for t in trials],
     }
 
@@ -244,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with cleanup_on_signals():
             check_machine()
+            meta["idle_check"] = idle_check()
             trials = run_trials(opts, settings, workdir)
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)

@@ -128,12 +128,11 @@ def table(
 
 
 def ratio_lines(rat: dict[str, Any]) -> list[str]:
-    """`metric meshlet/peer = r` lines, one per ratio."""
+    """`scenario: metric meshlet/peer = r, ...` lines, one per metric."""
     return [
-        f"{scenario}: {metric} {pair} = {r:.2f}"
+        f"{scenario}: {metric} " + ", ".join(f"{pair} = {r:.2f}" for pair, r in pairs.items())
         for scenario, metrics in rat.items()
         for metric, pairs in metrics.items()
-        for pair, r in pairs.items()
     ]
 
 

@@ -102,6 +102,11 @@ def _run_loadgen(
     return text, ticks, wall
 
 
+def _util_pct(ticks: int, busy_seconds: float) -> float:
+    """Proxy CPU use over the load generator's own measured duration, in percent."""
+    return 100 * ticks_to_us(ticks) / 1e6 / busy_seconds
+
+
 # ---- h1-one-proxy -------------------------------------------------------------
 
 
@@ -140,7 +145,7 @@ def _saturation(ctx: TrialContext, port: int, meter: TreeMeter) -> None:
         rps=res.rps,
         requests=res.requests,
         cpu_us_per_req=ticks_to_us(ticks) / res.requests,
-        cpu_util_pct=100 * ticks_to_us(ticks) / 1e6 / wall,
+        cpu_util_pct=_util_pct(ticks, res.seconds or wall),
         rss_load_mb=meter.rss_max_kib / 1024,
         wrk_non_2xx=res.non_2xx,
         wrk_socket_errors=res.socket_errors,
@@ -218,9 +223,10 @@ def _bulk(ctx: TrialContext, port: int, meter: TreeMeter) -> None:
     ctx.trial.figures.update(
         bytes=nbytes,
         seconds=result["seconds"],
+        send_seconds=result.get("send_seconds", 0.0),
         mb_per_s=mib / result["seconds"],
         cpu_us_per_mb=ticks_to_us(ticks) / mib,
-        cpu_util_pct=100 * ticks_to_us(ticks) / 1e6 / wall,
+        cpu_util_pct=_util_pct(ticks, result["seconds"] or wall),
         rss_max_mb=meter.rss_max_kib / 1024,
     )
 

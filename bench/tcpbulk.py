@@ -63,12 +63,19 @@ def transfer(port: int, nbytes: int, timeout: float) -> dict[str, Any]:
             step = min(remaining, len(payload))
             sock.sendall(payload[:step])
             remaining -= step
+        sent_at = time.perf_counter()
         sock.shutdown(socket.SHUT_WR)
         reply = _read_reply(sock)
     elapsed = time.perf_counter() - start
     text = reply.decode(errors="replace").strip()
     acked = int(text) if text.isdigit() else -1
-    return {"sent": nbytes, "acked": acked, "seconds": elapsed, "reply": text[:64]}
+    return {
+        "sent": nbytes,
+        "acked": acked,
+        "seconds": elapsed,
+        "send_seconds": sent_at - start,  # until the last sendall returned
+        "reply": text[:64],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

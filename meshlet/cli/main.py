@@ -33,9 +33,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"meshlet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _proxy_parser(sub)
+    d = sub.add_parser("demo", help="run the example app behind a proxy and show its metrics")
+    d.add_argument("--requests", type=int, default=50, help="requests to send (default 50)")
+    d.add_argument("--serve", action="store_true", help="keep running until Ctrl-C")
     args = parser.parse_args(argv)
     if args.command == "proxy":
         return _run_proxy(args)
+    if args.command == "demo":
+        from meshlet.cli.demo import run_demo
+
+        return run_demo(args.requests, args.serve)
     parser.error(f"unknown command {args.command}")  # pragma: no cover
     return 2  # pragma: no cover
 

@@ -213,51 +213,72 @@ class H1Downstream(asyncio.Protocol):
         self.started = ctx.loop.time()
         st = self.stats = ctx.http_stats(req.host)
         st.requests += 1
-        if self.draining:
-            req.close = True
         rest = self.buf
         end = req.end
         self.buf = b""
         self.resp_started = False
         self.retried = False
-        # Prepare what goes upstream first: the head (maybe rewritten) and the body bytes
-        # that came with it.
-        if req.needs_rewrite or req.version == 10:
-            head = rewrite_head(req, ctx.strip_mesh, keep_upgrade=req.upgrade is not None)
-            if req.version == 10:
-                req.close = True
-        else:
-            head = req.raw
-        body = req.body
-        if body == BODY_NONE:
-            self.body_left = 0
-            if len(rest) > end:
-                self.buf = rest[end:]
-            self.req_bytes = head
-        elif body == BODY_LENGTH:
-            self.body_left = req.content_length
-            self.req_bytes = None
-        else:
-            self.body_framer = ChunkedFramer()
-            self.req_bytes = None
         ep = ctx.target.pick()
         if ep is None:
             self._respond_error(503, "no_endpoints")
             return
         self.ep = ep
-        if body == BODY_NONE:
+        body = req.body
+        if body == BODY_NONE and not req.needs_rewrite and not self.draining:
+            # The common case: a bodiless request forwarded as received.
+            if len(rest) > end:
+                self.buf = rest[end:]
+                head = req.raw
+            else:
+                head = rest
+            self.req_bytes = head
+            self.body_left = 0
             self._arm(T_RESPONSE, cfg.response_timeout)
+            idle = ctx.pool._idle.get(ep.key)
+            if idle:
+                up = idle.pop()
+                self.up = up
+                up.down = self
+                up.begin(req.method, req.upgrade is not None)
+                up.transport.write(head)
+                ctx.tcp_dst.write_bytes += len(head)
+                self.state = S_WAIT
+                if len(self.buf) > PIPELINE_LIMIT:
+                    self._pause(P_PIPELINE)
+                return
         else:
-            self._arm(T_STREAM, cfg.idle_timeout)
-        up = ctx.pool.get((ep.host, ep.port))
-        if up is not None:
-            self._attach(up)
-            self._start_exchange(head, rest, end)
-        else:
-            self.state = S_CONNECT
-            self._pause(P_CONNECT)
+            if self.draining:
+                req.close = True
+            # The head (maybe rewritten) and the body bytes that came with it.
+            if req.needs_rewrite or req.version == 10:
+                head = rewrite_head(req, ctx.strip_mesh, keep_upgrade=req.upgrade is not None)
+                if req.version == 10:
+                    req.close = True
+            else:
+                head = req.raw
+            if body == BODY_NONE:
+                self.body_left = 0
+                if len(rest) > end:
+                    self.buf = rest[end:]
+                self.req_bytes = head
+                self._arm(T_RESPONSE, cfg.response_timeout)
+            else:
+                self.req_bytes = None
+                if body == BODY_LENGTH:
+                    self.body_left = req.content_length
+                else:
+                    self.body_framer = ChunkedFramer()
+                self._arm(T_STREAM, cfg.idle_timeout)
+            up = ctx.pool.get(ep.key)
+            if up is not None:
+                self._attach(up)
+                self._start_exchange(head, rest, end)
+                return
+        self.state = S_CONNECT
+        self._pause(P_CONNECT)
+        if body != BODY_NONE:
             self.buf = rest[end:]
-            ctx.loop.create_task(self._connect(ep, head))
+        ctx.loop.create_task(self._connect(ep, head))
 
     def _attach(self, up: H1Upstream) -> None:
         self.up = up
@@ -425,7 +446,8 @@ class H1Downstream(asyncio.Protocol):
             return
         self.req = None
         self.state = S_HEAD
-        self._unpause(P_PIPELINE)
+        if self.paused:
+            self._unpause(P_PIPELINE)
         if self.buf:
             self._on_head_data()
         else:
@@ -629,7 +651,7 @@ class H1Upstream(asyncio.Protocol):
     def __init__(self, ctx: ListenerCtx, ep: Endpoint) -> None:
         self.ctx = ctx
         self.ep = ep
-        self.key = (ep.host, ep.port)
+        self.key = ep.key
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.down: H1Downstream | None = None
         self.buf = b""
@@ -698,23 +720,57 @@ class H1Upstream(asyncio.Protocol):
             down._progress += 1
             self._body(data, 0, down)
             return
-        buf = self.buf + data if self.buf else data
-        self.buf = b""
-        self._heads(buf, down)
+        if self.buf:
+            self._heads(self.buf + data, down)
+            return
+        try:
+            resp = parse_response(data, self.method, self.upgrading)
+        except LocalProtocolError as e:
+            self._refuse(down, e)
+            return
+        if (
+            resp is not None
+            and resp.body == BODY_LENGTH
+            and len(data) - resp.end == resp.content_length
+            and not resp.needs_rewrite
+            and down.state == S_WAIT
+            and not down.draining
+        ):
+            # The common case: a whole response with a length, forwarded as received.
+            down.transport.write(data)
+            ctx.tcp_src.write_bytes += len(data)
+            self.head = resp
+            self.state = self.U_IDLE
+            down.resp_started = True
+            stats = down.stats
+            if stats is not None:
+                stats.response(resp.status, (ctx.loop.time() - down.started) * 1000.0)
+            down.response_done(True)
+            return
+        self._heads(data, down, resp)
 
-    def _heads(self, buf: bytes, down: H1Downstream) -> None:
+    def _refuse(self, down: H1Downstream, e: LocalProtocolError) -> None:
         ctx = self.ctx
+        self.abandon()
+        ctx.metrics.counter(
+            "http_response_errors_total",
+            "Upstream responses refused as malformed, by reason.",
+            (("direction", ctx.direction), ("reason", e.reason)),
+        )
+        down.upstream_error(e.status, e.reason)
+
+    def _heads(self, buf: bytes, down: H1Downstream, parsed: ResponseHead | None = None) -> None:
+        self.buf = b""
+        first = parsed is not None
         while True:
             try:
-                resp = parse_response(buf, self.method, self.upgrading)
+                if first:
+                    resp: ResponseHead | None = parsed
+                    first = False
+                else:
+                    resp = parse_response(buf, self.method, self.upgrading)
             except LocalProtocolError as e:
-                self.abandon()
-                ctx.metrics.counter(
-                    "http_response_errors_total",
-                    "Upstream responses refused as malformed, by reason.",
-                    (("direction", ctx.direction), ("reason", e.reason)),
-                )
-                down.upstream_error(e.status, e.reason)
+                self._refuse(down, e)
                 return
             if resp is None:
                 self.buf = buf
