@@ -42,6 +42,16 @@ def _fmt(labels: Iterable[tuple[str, str]]) -> str:
     return "{" + inner + "}" if inner else ""
 
 
+_TCP_SERIES = (
+    ("tcp_open_total", "Total count of opened connections.", "counter", "opened"),
+    ("tcp_close_total", "Total count of closed connections.", "counter", "closed"),
+    ("tcp_open_connections", "Number of currently-open connections.", "gauge", "open"),
+    ("tcp_read_bytes_total", "Total count of bytes read from peers.", "counter", "read_bytes"),
+    ("tcp_write_bytes_total", "Total count of bytes written to peers.", "counter",
+     "write_bytes"),
+)
+
+
 class HttpStats:
     """Request/response counters and the latency histogram for one label set."""
 
@@ -154,22 +164,12 @@ class Metrics:
             w(f"response_latency_ms_sum{_fmt(st.labels)} {st.latency_sum:.3f}")
             w(f"response_latency_ms_count{_fmt(st.labels)} {st.latency_count}")
         tcps = list(self._tcp.values())
-        for name, help_text, kind, get in (
-            ("tcp_open_total", "Total count of opened connections.", "counter",
-             lambda s: s.opened),
-            ("tcp_close_total", "Total count of closed connections.", "counter",
-             lambda s: s.closed),
-            ("tcp_open_connections", "Number of currently-open connections.", "gauge",
-             lambda s: s.opened - s.closed),
-            ("tcp_read_bytes_total", "Total count of bytes read from peers.", "counter",
-             lambda s: s.read_bytes),
-            ("tcp_write_bytes_total", "Total count of bytes written to peers.", "counter",
-             lambda s: s.write_bytes),
-        ):
+        for name, help_text, kind, attr in _TCP_SERIES:
             w(f"# HELP {name} {help_text}")
             w(f"# TYPE {name} {kind}")
             for ts in tcps:
-                w(f"{name}{_fmt(ts.labels)} {get(ts)}")
+                v = ts.opened - ts.closed if attr == "open" else getattr(ts, attr)
+                w(f"{name}{_fmt(ts.labels)} {v}")
         for name, (help_text, values) in sorted(self._counters.items()):
             w(f"# HELP {name} {help_text}")
             w(f"# TYPE {name} counter")

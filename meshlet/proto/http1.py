@@ -75,6 +75,28 @@ _INTERESTING_RE = re.compile(
     rb"keep-alive|proxy-connection|meshlet-[-a-z0-9_.!#$%&'*+^`|~]*):[ \t]*([^\r]*)\r"
 )
 _DIGITS_RE = re.compile(rb"[0-9]{1,18}")
+# Fast paths: one match validates the common head *and* extracts its framing. A field
+# line that is not hop-by-hop or framing-related is "plain"; "Connection: keep-alive"
+# changes nothing for HTTP/1.1 and counts as plain. Anything else falls back to the
+# general path, which gives the same answer (tested) or the precise error.
+_PLAIN_LINE = (
+    rb"(?:(?!(?i:content-length|transfer-encoding|connection|host|upgrade|expect|keep-alive"
+    rb"|proxy-connection|te|meshlet-" + _TCHAR + rb"*+):)" + _TCHAR
+    + rb"++:[ \t]*+(?:[^\x00-\x20\x7f][^\x00-\x08\x0a-\x1f\x7f]*+)?+\r\n"
+    rb"|(?i:connection):[ \t]*+(?i:keep-alive)[ \t]*+\r\n)"
+)
+# A bodiless HTTP/1.1 request with exactly one Host.
+_REQUEST_FAST_RE = re.compile(
+    rb"(" + _TCHAR + rb"++) ([^\x00-\x20\x7f]++) HTTP/1\.1\r\n" + _PLAIN_LINE
+    + rb"*+(?i:host):[ \t]*+([^\x00-\x20\x7f,][^\x00-\x08\x0a-\x1f\x7f,]*+)\r\n"
+    + _PLAIN_LINE + rb"*+\r\n"
+)
+# An HTTP/1.1 final response with exactly one Content-Length.
+_RESPONSE_FAST_RE = re.compile(
+    rb"HTTP/1\.1 ([2-9][0-9][0-9]) [^\x00-\x08\x0a-\x1f\x7f]*+\r\n" + _PLAIN_LINE
+    + rb"*+(?i:content-length):[ \t]*+([0-9]{1,18})[ \t]*+\r\n" + _PLAIN_LINE + rb"*+\r\n"
+)
+
 _BARE_LF_RE = re.compile(rb"(?<!\r)\n")
 _REQUEST_LINE_RE = re.compile(rb"(" + _TCHAR + rb"+) ([^\x00-\x20\x7f]+) HTTP/1\.([01])\r\n")
 
@@ -221,6 +243,26 @@ def parse_request(
     `h.end` is where the head ends in `buf`. `strip_mesh` marks `meshlet-*` fields for
     removal (inbound: never trust them from outside).
     """
+    m = _REQUEST_FAST_RE.match(buf)
+    if m is not None:
+        end = m.end()
+        method, target, host = m.group(1, 2, 3)
+        if end <= max_head and m.end(2) <= max_line and method != b"CONNECT":
+            h = RequestHead()
+            h.raw = buf if end == len(buf) and type(buf) is bytes else bytes(buf[:end])
+            h.end = end
+            h.method = method
+            h.target = target
+            h.version = 11
+            h.host = host.rstrip(b" \t").lower()
+            h.body = BODY_NONE
+            h.content_length = 0
+            h.close = False
+            h.upgrade = None
+            h.expect_continue = False
+            h.drop = _EMPTY
+            h.needs_rewrite = False
+            return h
     m = _REQUEST_RE.match(buf)
     if m is None:
         line = _REQUEST_LINE_RE.match(buf)
@@ -243,9 +285,8 @@ def parse_request(
     h = RequestHead()
     h.raw = raw
     h.end = end
-    h.method = m.group(1)
-    h.target = m.group(2)
-    h.version = 11 if m.group(3) == b"1" else 10
+    h.method, h.target, minor = m.group(1, 2, 3)
+    h.version = 11 if minor == b"1" else 10
     fields = _INTERESTING_RE.findall(raw.lower(), m.end(3))
     if h.version == 11 and h.method != b"CONNECT":
         # The common case (Host, maybe Content-Length, maybe "Connection: keep-alive"),
@@ -313,6 +354,26 @@ def parse_response(
 ) -> ResponseHead | None:
     """Parse a response head at the start of `buf`; `None` if not complete yet.
     Errors carry status 502."""
+    if request_method != b"HEAD":
+        m = _RESPONSE_FAST_RE.match(buf)
+        if m is not None and m.end() <= max_head:
+            end = m.end()
+            code, cl = m.group(1, 2)
+            h = ResponseHead()
+            h.raw = buf if end == len(buf) and type(buf) is bytes else bytes(buf[:end])
+            h.end = end
+            h.version = 11
+            status = h.status = int(code)
+            if status == 204 or status == 304:
+                h.body = BODY_NONE
+                h.content_length = 0
+            else:
+                h.body = BODY_LENGTH
+                h.content_length = int(cl)
+            h.close = False
+            h.drop = _EMPTY
+            h.needs_rewrite = False
+            return h
     m = _RESPONSE_RE.match(buf)
     if m is None:
         if len(buf) >= 12 and not _STATUS_PREFIX_RE.match(buf):
@@ -326,8 +387,9 @@ def parse_response(
     h = ResponseHead()
     h.raw = raw
     h.end = end
-    h.version = 11 if m.group(1) == b"1" else 10
-    status = h.status = int(m.group(2))
+    minor, code = m.group(1, 2)
+    h.version = 11 if minor == b"1" else 10
+    status = h.status = int(code)
     fields = _INTERESTING_RE.findall(raw.lower(), 12)
     if h.version == 11 and status >= 200 and request_method != b"HEAD":
         # The common case: one Content-Length, maybe "Connection: keep-alive".

@@ -15,6 +15,7 @@ from meshlet.proxy.balance import Target
 from meshlet.proxy.pool import Pool
 
 if TYPE_CHECKING:
+    from meshlet.proxy.http1 import H1Upstream
     from meshlet.proxy.server import Proxy
 
 __all__ = ["ListenerCtx"]
@@ -48,7 +49,7 @@ class ListenerCtx:
         self.proxy = proxy
         self.loop: asyncio.AbstractEventLoop = proxy.loop
         self.cfg: ProxyConfig = proxy.cfg
-        self.pool: Pool = proxy.pool
+        self.pool: Pool[H1Upstream] = proxy.pool
         self.metrics: Metrics = proxy.metrics
         self.direction = direction
         self.target = target

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+from functools import partial
 from typing import TYPE_CHECKING
 
 from meshlet.api.endpoints import Endpoint
@@ -145,16 +146,16 @@ class H1Downstream(asyncio.Protocol):
             if up is not None:
                 up.transport.write(data)
                 ctx.tcp_dst.write_bytes += len(data)
-        elif st == S_WAIT or st == S_CONNECT:
+        elif st in (S_WAIT, S_CONNECT):
             self.buf += data
             if len(self.buf) > PIPELINE_LIMIT:
                 self._pause(P_PIPELINE)
 
     def eof_received(self) -> bool | None:
-        if self.state == S_TUNNEL and self.up is not None:
-            if self.up.transport.can_write_eof():
-                self.up.transport.write_eof()
-                return True
+        up = self.up
+        if self.state == S_TUNNEL and up is not None and up.transport.can_write_eof():
+            up.transport.write_eof()
+            return True
         if self.state == S_HEAD and not self.buf:
             return None  # idle keep-alive connection closed by the client: fine
         if self.state in (S_WAIT, S_CONNECT) or (self.state == S_BODY and self._body_unframed()):
@@ -233,7 +234,7 @@ class H1Downstream(asyncio.Protocol):
                 head = rest
             self.req_bytes = head
             self.body_left = 0
-            self._arm(T_RESPONSE, cfg.response_timeout)
+            self._arm(T_RESPONSE, cfg.response_timeout, self.started)
             idle = ctx.pool._idle.get(ep.key)
             if idle:
                 up = idle.pop()
@@ -269,9 +270,9 @@ class H1Downstream(asyncio.Protocol):
                 else:
                     self.body_framer = ChunkedFramer()
                 self._arm(T_STREAM, cfg.idle_timeout)
-            up = ctx.pool.get(ep.key)
-            if up is not None:
-                self._attach(up)
+            pooled = ctx.pool.get(ep.key)
+            if pooled is not None:
+                self._attach(pooled)
                 self._start_exchange(head, rest, end)
                 return
         self.state = S_CONNECT
@@ -374,7 +375,7 @@ class H1Downstream(asyncio.Protocol):
         for attempt in range(attempts):
             try:
                 _t, up = await asyncio.wait_for(
-                    loop.create_connection(lambda: H1Upstream(ctx, ep), ep.host, ep.port),
+                    loop.create_connection(partial(H1Upstream, ctx, ep), ep.host, ep.port),
                     ctx.cfg.connect_timeout,
                 )
                 break
@@ -427,14 +428,16 @@ class H1Downstream(asyncio.Protocol):
             return rewrite_head(resp, False)
         return None
 
-    def response_done(self, reusable: bool) -> None:
-        """The response has been forwarded whole."""
+    def response_done(self, reusable: bool, now: float = 0.0) -> None:
+        """The response has been forwarded whole (`now`: loop time, if known)."""
         up = self.up
         self.up = None
+        if not now:
+            now = self.ctx.loop.time()
         if up is not None:
             up.down = None
             if reusable and self.state == S_WAIT:
-                up.release()
+                up.release(now)
             else:
                 up.close_idle()
         if self.state != S_WAIT or self.draining or self.ctx.proxy.draining:
@@ -451,7 +454,7 @@ class H1Downstream(asyncio.Protocol):
         if self.buf:
             self._on_head_data()
         else:
-            self._arm(T_IDLE, self.ctx.cfg.idle_timeout)
+            self._arm(T_IDLE, self.ctx.cfg.idle_timeout, now)
 
     def start_tunnel(self, up: H1Upstream) -> None:
         self.state = S_TUNNEL
@@ -560,9 +563,9 @@ class H1Downstream(asyncio.Protocol):
     def upstream_resumed(self) -> None:
         self._unpause(P_UPSTREAM_FULL)
 
-    def _arm(self, kind: int, delay: float) -> None:
+    def _arm(self, kind: int, delay: float, now: float = 0.0) -> None:
         loop = self.ctx.loop
-        when = loop.time() + delay
+        when = (now or loop.time()) + delay
         self._tkind = kind
         self._deadline = when
         self._seen_progress = self._progress
@@ -681,12 +684,12 @@ class H1Upstream(asyncio.Protocol):
         h = self.head
         return self.state == self.U_IDLE and h is not None and not h.close and not self.buf
 
-    def release(self) -> None:
+    def release(self, now: float) -> None:
         self.reused = True
         if self.reading_paused:
             self.reading_paused = False
             self.transport.resume_reading()
-        self.ctx.pool.put(self.key, self)
+        self.ctx.pool.put(self.key, self, now)
 
     def close_idle(self) -> None:
         self.state = self.U_CLOSED
@@ -742,10 +745,11 @@ class H1Upstream(asyncio.Protocol):
             self.head = resp
             self.state = self.U_IDLE
             down.resp_started = True
+            now = ctx.loop.time()
             stats = down.stats
             if stats is not None:
-                stats.response(resp.status, (ctx.loop.time() - down.started) * 1000.0)
-            down.response_done(True)
+                stats.response(resp.status, (now - down.started) * 1000.0)
+            down.response_done(True, now)
             return
         self._heads(data, down, resp)
 

@@ -11,7 +11,8 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+import contextlib
+from typing import Generic, Protocol, TypeVar
 
 __all__ = ["Pool", "Poolable"]
 
@@ -22,41 +23,42 @@ class Poolable(Protocol):
     def close_idle(self) -> None: ...
 
 
-class Pool:
+C = TypeVar("C", bound=Poolable)
+
+
+class Pool(Generic[C]):
     __slots__ = ("_idle", "_loop", "_sweeper", "idle_timeout", "max_idle")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, idle_timeout: float, max_idle: int):
         self._loop = loop
-        self._idle: dict[tuple[str, int], list[Poolable]] = {}
+        self._idle: dict[tuple[str, int], list[C]] = {}
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
         self._sweeper: asyncio.TimerHandle | None = None
 
-    def get(self, key: tuple[str, int]) -> Poolable | None:
+    def get(self, key: tuple[str, int]) -> C | None:
         idle = self._idle.get(key)
         if idle:
             return idle.pop()
         return None
 
-    def put(self, key: tuple[str, int], conn: Poolable) -> None:
+    def put(self, key: tuple[str, int], conn: C, now: float) -> None:
         idle = self._idle.get(key)
         if idle is None:
             idle = self._idle[key] = []
         if len(idle) >= self.max_idle:
             conn.close_idle()
             return
-        conn.idle_since = self._loop.time()
+        conn.idle_since = now
         idle.append(conn)
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(1.0, self._sweep)
 
-    def discard(self, key: tuple[str, int], conn: Poolable) -> None:
+    def discard(self, key: tuple[str, int], conn: C) -> None:
         idle = self._idle.get(key)
         if idle is not None:
-            try:
+            with contextlib.suppress(ValueError):
                 idle.remove(conn)
-            except ValueError:
-                pass
 
     def idle_count(self) -> int:
         return sum(len(v) for v in self._idle.values())

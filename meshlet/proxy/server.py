@@ -16,15 +16,18 @@ import asyncio
 import logging
 import os
 import signal
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from meshlet.api.endpoints import EndpointSet, EndpointsFileError, load_endpoints_file
+from meshlet.api.endpoints import EndpointSet, EndpointsFileError
 from meshlet.config import Addr, ProxyConfig
 from meshlet.metrics.registry import Metrics
 from meshlet.proxy.balance import Balancer, Fixed, Target
 from meshlet.proxy.context import ListenerCtx
 from meshlet.proxy.listener import Accepted
 from meshlet.proxy.pool import Pool
+
+if TYPE_CHECKING:
+    from meshlet.proxy.http1 import H1Upstream
 
 __all__ = ["Proxy", "run_proxy"]
 
@@ -40,7 +43,7 @@ class Proxy:
         self.cfg = cfg
         self.loop = loop
         self.metrics = Metrics()
-        self.pool = Pool(loop, cfg.pool_idle_timeout, cfg.pool_max_idle)
+        self.pool: Pool[H1Upstream] = Pool(loop, cfg.pool_idle_timeout, cfg.pool_max_idle)
         self.conns: set[Any] = set()
         self.n_conns = 0
         self.draining = False
@@ -73,6 +76,8 @@ class Proxy:
     async def start(self) -> None:
         cfg = self.cfg
         if cfg.endpoints_file:
+            from meshlet.api.endpoints_file import load_endpoints_file
+
             self.endpoint_sets = load_endpoints_file(cfg.endpoints_file)
             self._file_mtime = _mtime(cfg.endpoints_file)
         if cfg.inbound_listen is not None and cfg.app_addr is not None:
@@ -107,6 +112,8 @@ class Proxy:
         log.info("%s listener on %s:%d -> %s", ctx.direction, addr.host, port, target)
 
     async def _watch_file(self, path: str) -> None:
+        from meshlet.api.endpoints_file import load_endpoints_file
+
         while not self.draining:
             await asyncio.sleep(1.0)
             m = _mtime(path)
@@ -219,4 +226,4 @@ def run_proxy(cfg: ProxyConfig) -> int:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency
         return asyncio.run(_main(cfg))
-    return uvloop.run(_main(cfg))  # type: ignore[no-any-return]
+    return uvloop.run(_main(cfg))
