@@ -127,9 +127,9 @@ def _positive_int(text: str) -> int:
 def _ports(text: str) -> frozenset[int]:
     out: set[int] = set()
     for part in filter(None, (p.strip() for p in text.split(","))):
-        lo, _, hi = part.partition("-")
+        lo, dash, hi = part.partition("-")
         try:
-            a, b = int(lo), int(hi or lo)
+            a, b = int(lo), int(hi if dash else lo)
         except ValueError:
             raise ValueError(f"invalid port {part!r}") from None
         if not (1 <= a <= b <= 65535):
@@ -151,7 +151,7 @@ def _outbound(text: str) -> tuple[OutboundBind, ...]:
             raise ValueError(f"invalid binding {part!r} (use LISTEN_ADDR=SERVICE:PORT)")
         opaque = service.endswith("/opaque")
         service = service.removesuffix("/opaque")
-        if not _SERVICE_RE.fullmatch(service):
+        if not _SERVICE_RE.fullmatch(service) or not 0 < int(service.rpartition(":")[2]) < 65536:
             raise ValueError(f"invalid service {service!r} in {part!r} (use name:port)")
         binds.append(OutboundBind(parse_addr(listen), service, opaque))
     return tuple(binds)

@@ -37,6 +37,14 @@ def _escape(v: str) -> str:
     return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def _help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
 def _fmt(labels: Iterable[tuple[str, str]]) -> str:
     inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
     return "{" + inner + "}" if inner else ""
@@ -165,20 +173,20 @@ class Metrics:
             w(f"response_latency_ms_count{_fmt(st.labels)} {st.latency_count}")
         tcps = list(self._tcp.values())
         for name, help_text, kind, attr in _TCP_SERIES:
-            w(f"# HELP {name} {help_text}")
+            w(f"# HELP {name} {_help(help_text)}")
             w(f"# TYPE {name} {kind}")
             for ts in tcps:
                 v = ts.opened - ts.closed if attr == "open" else getattr(ts, attr)
                 w(f"{name}{_fmt(ts.labels)} {v}")
         for name, (help_text, values) in sorted(self._counters.items()):
-            w(f"# HELP {name} {help_text}")
+            w(f"# HELP {name} {_help(help_text)}")
             w(f"# TYPE {name} counter")
             for labels, n in values.items():
                 w(f"{name}{_fmt(labels)} {n}")
         for name, (help_text, read) in sorted(self._gauges.items()):
-            w(f"# HELP {name} {help_text}")
+            w(f"# HELP {name} {_help(help_text)}")
             w(f"# TYPE {name} gauge")
             for labels, v in read():
-                w(f"{name}{_fmt(labels)} {v:g}")
+                w(f"{name}{_fmt(labels)} {_num(v)}")
         out.append("")
         return "\n".join(out)

@@ -28,6 +28,7 @@ class Proto(enum.Enum):
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_DETECT_BYTES = 8192
+_MAX_METHOD = 31
 
 _KNOWN_METHODS = (
     b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"TRACE ",
@@ -72,11 +73,13 @@ def _http1_or_opaque(buf: bytes | bytearray) -> Proto | None:
     end = tok.end()
     if end == 0:
         return Proto.OPAQUE
+    if end > _MAX_METHOD:  # no method is this long: decided whatever follows
+        return Proto.OPAQUE
     if end == len(buf):  # still inside the first token
-        return None if end < 32 else Proto.OPAQUE
+        return None
     if buf[end] != 0x20:
         return Proto.OPAQUE
-    nl = buf.find(b"\n")
+    nl = buf.find(b"\n", 0, MAX_DETECT_BYTES)
     if nl < 0:
         return None if len(buf) < MAX_DETECT_BYTES else Proto.OPAQUE
     return Proto.HTTP1 if _FIRST_LINE_HTTP1.match(buf, 0, nl + 1) else Proto.OPAQUE

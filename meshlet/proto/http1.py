@@ -222,12 +222,17 @@ def _connection_options(
     extra field names it makes hop-by-hop (set on `head.drop`)."""
     conn = _comma_tokens(other.get(b"connection", b""))
     close = b"close" in conn if head.version == 11 else b"keep-alive" not in conn
+    # Framing and Host are never dropped: naming them in Connection must not let a
+    # client make the proxy forward a head whose framing differs from what it parsed.
     head.drop = frozenset(
-        t for t in conn if t not in (b"close", b"keep-alive") and t not in keep
+        t for t in conn if t not in _NEVER_DROP and t not in keep
     )
     return conn, close
 
 
+_NEVER_DROP: Final = frozenset(
+    {b"close", b"keep-alive", b"content-length", b"transfer-encoding", b"host"}
+)
 # Present at all, these make the head need rewriting (RFC 9110 section 7.6.1).
 _REWRITE_TRIGGERS: Final = frozenset({b"keep-alive", b"proxy-connection", b"te"})
 
@@ -247,7 +252,7 @@ def parse_request(
     if m is not None:
         end = m.end()
         method, target, host = m.group(1, 2, 3)
-        if end <= max_head and m.end(2) <= max_line and method != b"CONNECT":
+        if end <= max_head and m.end(2) + 9 <= max_line and method != b"CONNECT":
             h = RequestHead()
             h.raw = buf if end == len(buf) and type(buf) is bytes else bytes(buf[:end])
             h.end = end
@@ -279,7 +284,7 @@ def parse_request(
     end = m.end()
     if end > max_head:
         raise LocalProtocolError(431, "request_too_large")
-    if m.end(2) > max_line:
+    if m.end(3) > max_line:  # the request line, without its CRLF
         raise LocalProtocolError(414, "request_line_too_long")
     raw = bytes(buf[:end]) if end != len(buf) or type(buf) is not bytes else buf
     h = RequestHead()
@@ -376,7 +381,7 @@ def parse_response(
             return h
     m = _RESPONSE_RE.match(buf)
     if m is None:
-        if len(buf) >= 12 and not _STATUS_PREFIX_RE.match(buf):
+        if len(buf) >= 13 and not _STATUS_PREFIX_RE.match(buf):
             raise LocalProtocolError(502, "malformed_response")
         _incomplete(buf, max_head, "response", 502)
         return None
@@ -391,22 +396,6 @@ def parse_response(
     h.version = 11 if minor == b"1" else 10
     status = h.status = int(code)
     fields = _INTERESTING_RE.findall(raw.lower(), 12)
-    if h.version == 11 and status >= 200 and request_method != b"HEAD":
-        # The common case: one Content-Length, maybe "Connection: keep-alive".
-        cl = None
-        for name, value in fields:
-            if name == b"content-length" and cl is None:
-                cl = value.rstrip(b" \t")
-            elif not (name == b"connection" and value.rstrip(b" \t") == b"keep-alive"):
-                break
-        else:
-            if cl is not None and _DIGITS_RE.fullmatch(cl):
-                h.content_length = int(cl)
-                h.body = BODY_LENGTH if status not in (204, 304) else BODY_NONE
-                h.close = False
-                h.drop = _EMPTY
-                h.needs_rewrite = False
-                return h
     other = _framing(h, fields, False)
     keep = _KEEP_UPGRADE if (upgrading and status == 101) else _EMPTY
     _conn, close = _connection_options(h, other, keep)
@@ -488,7 +477,7 @@ class ChunkedFramer:
         self.done = False
         self.max_line = max_line
 
-    def feed(self, data: bytes | bytearray | memoryview, start: int = 0) -> int:
+    def feed(self, data: bytes | bytearray, start: int = 0) -> int:
         pos = start
         n = len(data)
         while pos < n and not self.done:
@@ -556,7 +545,5 @@ _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,15})" + _CHUNK_EXT + rb"\r\n")
 _TRAILER_LINE_RE = re.compile(_FIELD_LINE)
 
 
-def _find_lf(data: bytes | bytearray | memoryview, start: int, end: int) -> int:
-    if isinstance(data, memoryview):
-        data = data.obj  # type: ignore[assignment]
-    return data.find(b"\n", start, end)  # type: ignore[union-attr]
+def _find_lf(data: bytes | bytearray, start: int, end: int) -> int:
+    return data.find(b"\n", start, end)

@@ -81,16 +81,22 @@ class Balancer(Target):
         n = len(live)
         if n == 0:
             return None
+        if exclude is not None and n > 1:
+            return self._pick_other(exclude)
         cum = self._cum
         if cum is not None:
-            ep = live[bisect_right(cum, random.random() * cum[-1])]
-        else:
-            i = self._next
-            self._next = i + 1 if i + 1 < n else 0
-            ep = live[i % n]
-        if ep is exclude and n > 1:
-            return self.pick(None) if cum is not None else live[self._next % n]
-        return ep
+            return live[bisect_right(cum, random.random() * cum[-1])]
+        i = self._next
+        self._next = i + 1 if i + 1 < n else 0
+        return live[i % n]
+
+    def _pick_other(self, exclude: Endpoint) -> Endpoint | None:
+        """A retry's pick: any endpoint but `exclude`, by weight (off the hot path)."""
+        others = [e for e in self._live if e is not exclude and e != exclude]
+        if not others:
+            return None
+        cum = list(accumulate(e.weight for e in others))
+        return others[bisect_right(cum, random.random() * cum[-1])]
 
     def endpoints(self) -> tuple[Endpoint, ...]:
         return self._eps
