@@ -82,6 +82,20 @@ class HttpStats:
         self.latency_count += 1
 
 
+    def retract(self, status: int, latency_ms: float) -> None:
+        """Undo one `response` (a head counted, then replaced by a proxy error)."""
+        key = (status, status < 500)
+        r = self.responses
+        n = r.get(key, 0) - 1
+        if n > 0:
+            r[key] = n
+        else:
+            r.pop(key, None)
+        self.buckets[bisect_left(LATENCY_BUCKETS_MS, latency_ms)] -= 1
+        self.latency_sum -= latency_ms
+        self.latency_count -= 1
+
+
 class TcpStats:
     """Connection counters for one label set (direction, peer, tls)."""
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from meshlet.api.endpoints import Endpoint
 from meshlet.config import ProxyConfig
 from meshlet.metrics.registry import HttpStats, Metrics, TcpStats
-from meshlet.proxy.balance import Target
+from meshlet.proxy.balance import Fixed, Target
 from meshlet.proxy.pool import Pool
 
 if TYPE_CHECKING:
@@ -23,10 +24,11 @@ __all__ = ["ListenerCtx"]
 
 class ListenerCtx:
     __slots__ = (
-        "_by_host",
         "authority",
+        "by_host",
         "cfg",
         "direction",
+        "fixed",
         "loop",
         "metrics",
         "pool",
@@ -53,21 +55,23 @@ class ListenerCtx:
         self.metrics: Metrics = proxy.metrics
         self.direction = direction
         self.target = target
+        # The one endpoint of a fixed target (inbound), so requests skip the pick.
+        self.fixed: Endpoint | None = target.pick() if isinstance(target, Fixed) else None
         self.authority = authority  # fixed label (outbound: the service), else per Host
         self.strip_mesh = strip_mesh
         # Plaintext until the identity issue lands; the label says why it is not TLS.
         self.tls = "disabled"
         self.tcp_src: TcpStats = self.metrics.tcp(direction, "src", self.tls)
         self.tcp_dst: TcpStats = self.metrics.tcp(direction, "dst", self.tls)
-        self._by_host: dict[bytes, HttpStats] = {}
+        self.by_host: dict[bytes, HttpStats] = {}
 
     def http_stats(self, host: bytes) -> HttpStats:
-        st = self._by_host.get(host)
+        st = self.by_host.get(host)
         if st is None:
             label = self.authority
             if label is None:
                 label = host.decode("latin-1")
             st = self.metrics.http(self.direction, label, self.tls)
-            if len(self._by_host) < 4096:
-                self._by_host[host] = st
+            if len(self.by_host) < 4096:
+                self.by_host[host] = st
         return st

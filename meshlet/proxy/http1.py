@@ -39,6 +39,7 @@ from meshlet.proto.http1 import (
     rewrite_head,
 )
 from meshlet.proxy.errors import error_response
+from meshlet.proxy.tcp import splice
 
 if TYPE_CHECKING:
     from meshlet.metrics.registry import HttpStats
@@ -88,6 +89,7 @@ class H1Downstream(asyncio.Protocol):
         "paused",
         "req",
         "req_bytes",
+        "resp_latency_ms",
         "resp_started",
         "retried",
         "started",
@@ -110,6 +112,7 @@ class H1Downstream(asyncio.Protocol):
         self.body_framer: ChunkedFramer | None = None
         self.paused = 0
         self.resp_started = False
+        self.resp_latency_ms = 0.0
         self.retried = False
         self.draining = False
         self.started = 0.0
@@ -140,22 +143,12 @@ class H1Downstream(asyncio.Protocol):
         elif st == S_BODY:
             self._progress += 1
             self._send_body(data)
-        elif st == S_TUNNEL:
-            self._progress += 1
-            up = self.up
-            if up is not None:
-                up.transport.write(data)
-                ctx.tcp_dst.write_bytes += len(data)
         elif st in (S_WAIT, S_CONNECT):
             self.buf += data
             if len(self.buf) > PIPELINE_LIMIT:
                 self._pause(P_PIPELINE)
 
     def eof_received(self) -> bool | None:
-        up = self.up
-        if self.state == S_TUNNEL and up is not None and up.transport.can_write_eof():
-            up.transport.write_eof()
-            return True
         if self.state == S_HEAD and not self.buf:
             return None  # idle keep-alive connection closed by the client: fine
         if self.state in (S_WAIT, S_CONNECT) or (self.state == S_BODY and self._body_unframed()):
@@ -212,14 +205,15 @@ class H1Downstream(asyncio.Protocol):
             return
         self.req = req
         self.started = ctx.loop.time()
-        st = self.stats = ctx.http_stats(req.host)
+        st = ctx.by_host.get(req.host) or ctx.http_stats(req.host)
+        self.stats = st
         st.requests += 1
         rest = self.buf
         end = req.end
         self.buf = b""
         self.resp_started = False
         self.retried = False
-        ep = ctx.target.pick()
+        ep = ctx.fixed or ctx.target.pick()
         if ep is None:
             self._respond_error(503, "no_endpoints")
             return
@@ -257,6 +251,8 @@ class H1Downstream(asyncio.Protocol):
                     req.close = True
             else:
                 head = req.raw
+            if req.close:
+                self.draining = True  # answer this one, then close
             if body == BODY_NONE:
                 self.body_left = 0
                 if len(rest) > end:
@@ -414,7 +410,8 @@ class H1Downstream(asyncio.Protocol):
             return rewrite_head(resp, False) if resp.needs_rewrite else None
         st = self.stats
         if st is not None:
-            st.response(status, (self.ctx.loop.time() - self.started) * 1000.0)
+            ms = self.resp_latency_ms = (self.ctx.loop.time() - self.started) * 1000.0
+            st.response(status, ms)
         self.resp_started = True
         if status == 101:
             self._tkind = T_NONE  # tunnels, like opaque TCP, have no idle timeout
@@ -427,6 +424,12 @@ class H1Downstream(asyncio.Protocol):
         if resp.needs_rewrite:
             return rewrite_head(resp, False)
         return None
+
+    def retract_response(self, resp: ResponseHead | None) -> None:
+        """Un-count a response head that will not reach the client after all."""
+        st = self.stats
+        if st is not None and resp is not None:
+            st.retract(resp.status, self.resp_latency_ms)
 
     def response_done(self, reusable: bool, now: float = 0.0) -> None:
         """The response has been forwarded whole (`now`: loop time, if known)."""
@@ -456,21 +459,28 @@ class H1Downstream(asyncio.Protocol):
         else:
             self._arm(T_IDLE, self.ctx.cfg.idle_timeout, now)
 
-    def start_tunnel(self, up: H1Upstream) -> None:
+    def start_tunnel(self, up: H1Upstream, to_client: bytes) -> None:
+        """After a 101: both connections become a byte pipe (`meshlet.proxy.tcp`), which
+        from now on owns them, their accounting and their half-closes."""
         self.state = S_TUNNEL
-        self._unpause(P_PIPELINE)
-        if self.buf:
-            data, self.buf = self.buf, b""
-            up.transport.write(data)
-            self.ctx.tcp_dst.write_bytes += len(data)
+        self._tkind = T_NONE
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.up = None
+        up.down = None
+        up.state = up.U_TUNNEL
+        self.ctx.proxy.conns.discard(self)
+        if self.paused:
+            self.paused = 0
+            self.transport.resume_reading()
+        to_up, self.buf = self.buf, b""
+        splice(self.ctx, self.transport, up.transport, to_up, to_client)
 
     def upstream_lost(self, up: H1Upstream, got_bytes: bool, exc: Exception | None) -> None:
         """The upstream connection closed before the response was complete."""
         self.up = None
         if self.state == S_CLOSED:
-            return
-        if self.state == S_TUNNEL:
-            self.transport.close()
             return
         req = self.req
         if (
@@ -707,12 +717,6 @@ class H1Upstream(asyncio.Protocol):
         ctx.tcp_dst.read_bytes += len(data)
         st = self.state
         down = self.down
-        if st == self.U_TUNNEL:
-            if down is not None:
-                down.transport.write(data)
-                ctx.tcp_src.write_bytes += len(data)
-                down._progress += 1
-            return
         if down is None or st == self.U_IDLE or st == self.U_CLOSED:
             # Bytes nobody asked for (or after the response): the connection is unusable.
             self.abandon()
@@ -737,7 +741,7 @@ class H1Upstream(asyncio.Protocol):
             and len(data) - resp.end == resp.content_length
             and not resp.needs_rewrite
             and down.state == S_WAIT
-            and not down.draining
+            and not down.draining  # also set when the request asked to close
         ):
             # The common case: a whole response with a length, forwarded as received.
             down.transport.write(data)
@@ -798,10 +802,7 @@ class H1Upstream(asyncio.Protocol):
                     down.upstream_error(502, "unexpected_switching_protocols")
                     return
                 self._write_down(down, out if out is not None else resp.raw)
-                self.state = self.U_TUNNEL
-                down.start_tunnel(self)
-                if len(buf) > end:
-                    self._write_down(down, buf[end:])
+                down.start_tunnel(self, buf[end:])
                 return
             body = resp.body
             if body == BODY_NONE:
@@ -819,26 +820,24 @@ class H1Upstream(asyncio.Protocol):
             else:
                 self._framer = None
                 self.body_left = -1
-            if out is None:
-                self._body(buf, 0, down, end)
-            else:
-                self._write_down(down, out)
-                if len(buf) > end:
-                    self._body(buf, end, down)
+            # The head goes out with the first body bytes, once they have been checked:
+            # a body that breaks framing at once still gets the client a clean 502.
+            self._body(buf, end, down, out if out is not None else b"")
             return
 
-    def _body(self, data: bytes, start: int, down: H1Downstream, head_end: int = -1) -> None:
-        """Forward the body bytes in `data[start:]`; when `head_end` >= 0 the original
-        head `data[:head_end]` goes out in the same write."""
+    def _body(self, data: bytes, start: int, down: H1Downstream, head: bytes | None = None
+              ) -> None:
+        """Forward the body bytes in `data[start:]`. `head` is the unsent head: b"" when
+        it is the original one, `data[:start]`; None when it has been sent already."""
         n = len(data)
-        from_ = start if head_end < 0 else 0
-        body_start = start if head_end < 0 else head_end
         if self._framer is not None:
             try:
-                end = self._framer.feed(data, body_start)
+                end = self._framer.feed(data, start)
             except LocalProtocolError as e:
-                if from_ < body_start:
-                    down.resp_started = False  # nothing sent yet: the client gets a 502
+                if head is not None:
+                    # Nothing sent yet: the client gets a 502 instead of this response.
+                    down.resp_started = False
+                    down.retract_response(self.head)
                 self.abandon()
                 self.ctx.metrics.counter(
                     "http_response_errors_total",
@@ -849,15 +848,19 @@ class H1Upstream(asyncio.Protocol):
                 return
             done = self._framer.done
         elif self.body_left >= 0:
-            take = min(self.body_left, n - body_start)
+            take = min(self.body_left, n - start)
             self.body_left -= take
-            end = body_start + take
+            end = start + take
             done = self.body_left == 0
         else:
             end = n
             done = False
-        if end > from_:
-            self._write_down(down, data if (from_ == 0 and end == n) else data[from_:end])
+        if head == b"":
+            start = 0  # the original head is data[:start]: one write for both
+        elif head is not None:
+            self._write_down(down, head)
+        if end > start:
+            self._write_down(down, data if (start == 0 and end == n) else data[start:end])
         if done:
             if end < n:
                 self.buf = data[end:]  # bytes past the response: not reusable
@@ -873,12 +876,6 @@ class H1Upstream(asyncio.Protocol):
         down.response_done(self.reusable())
 
     def eof_received(self) -> bool | None:
-        if self.state == self.U_TUNNEL and self.down is not None:
-            t = self.down.transport
-            if t.can_write_eof():
-                t.write_eof()
-                return True
-            return None
         if self.state == self.U_BODY and self.body_left == -1 and self._framer is None:
             down = self.down
             self.state = self.U_IDLE

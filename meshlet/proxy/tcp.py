@@ -20,20 +20,21 @@ if TYPE_CHECKING:
     from meshlet.metrics.registry import TcpStats
     from meshlet.proxy.context import ListenerCtx
 
-__all__ = ["start_relay"]
+__all__ = ["splice", "start_relay"]
 
 log = logging.getLogger("meshlet.tcp")
 
 
 class _Side(asyncio.Protocol):
-    __slots__ = ("eof", "peer", "reads", "transport", "writes")
+    __slots__ = ("eof", "peer", "pending", "reads", "transport", "writes")
 
     def __init__(self, reads: TcpStats, writes: TcpStats) -> None:
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.peer: _Side | None = None
         self.eof = False
+        self.pending: list[bytes] = []  # read before the peer exists; flushed by `_pair`
         self.reads = reads  # stats counting bytes read on this side
-        self.writes = writes  # stats counting bytes the peer writes out (the other side)
+        self.writes = writes  # stats counting bytes written out on the peer's side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -44,12 +45,15 @@ class _Side(asyncio.Protocol):
         if peer is not None:
             peer.transport.write(data)
             self.writes.write_bytes += len(data)
+        else:
+            self.pending.append(data)
+            self.transport.pause_reading()  # bounded: nothing more until paired
 
     def eof_received(self) -> bool:
         self.eof = True
         peer = self.peer
         if peer is None:
-            return True  # not connected yet; `_Client.attach` forwards the FIN
+            return True  # not paired yet: `_pair` forwards the FIN
         if peer.eof:
             self.transport.close()
             peer.transport.close()
@@ -76,43 +80,45 @@ class _Side(asyncio.Protocol):
         if self.peer is not None:
             self.peer.transport.resume_reading()
 
+    def shutdown(self) -> None:
+        """Graceful shutdown: byte streams are left to finish within the grace period."""
+
+
+def _pair(a: _Side, b: _Side) -> None:
+    """Join two sides: flush what each read before, forward early FINs, read on."""
+    a.peer = b
+    b.peer = a
+    for src, dst in ((a, b), (b, a)):
+        for chunk in src.pending:
+            dst.transport.write(chunk)
+            src.writes.write_bytes += len(chunk)
+        src.pending = []
+    for src, dst in ((a, b), (b, a)):
+        if src.eof:
+            if dst.eof:
+                a.transport.close()
+                b.transport.close()
+                return
+            if dst.transport.can_write_eof():
+                dst.transport.write_eof()
+    a.transport.resume_reading()
+    b.transport.resume_reading()
+
 
 class _Client(_Side):
-    """The accepted side: buffers what arrives before the upstream is connected."""
+    """The accepted side: counts the client connection, open until both ends close."""
 
-    __slots__ = ("ctx", "pending")
+    __slots__ = ("ctx",)
 
     def __init__(self, ctx: ListenerCtx) -> None:
         super().__init__(ctx.tcp_src, ctx.tcp_dst)
         self.ctx = ctx
-        self.pending: list[bytes] = []
-
-    def data_received(self, data: bytes) -> None:
-        if self.peer is None:
-            self.reads.read_bytes += len(data)
-            self.pending.append(data)
-            return
-        super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.ctx.tcp_src.closed += 1
         self.ctx.proxy.conns.discard(self)
         self.ctx.proxy.conn_closed()
         super().connection_lost(exc)
-
-    def attach(self, up: _Side) -> None:
-        self.peer = up
-        up.peer = self
-        for chunk in self.pending:
-            up.transport.write(chunk)
-            self.writes.write_bytes += len(chunk)
-        self.pending = []
-        if self.eof and up.transport.can_write_eof():
-            up.transport.write_eof()
-        self.transport.resume_reading()
-
-    def shutdown(self) -> None:
-        """Graceful shutdown: opaque streams are left to finish within the grace period."""
 
 
 class _Upstream(_Side):
@@ -131,6 +137,29 @@ class _Upstream(_Side):
         super().connection_lost(exc)
 
 
+def splice(
+    ctx: ListenerCtx,
+    client: asyncio.Transport,
+    upstream: asyncio.Transport,
+    to_upstream: bytes,
+    to_client: bytes,
+) -> None:
+    """Turn an HTTP connection pair into a byte pipe (after a 101 Switching Protocols).
+    The caller has already accounted for both connections as open."""
+    c = _Client(ctx)
+    u = _Upstream(ctx)
+    client.set_protocol(c)
+    upstream.set_protocol(u)
+    c.transport = client
+    u.transport = upstream
+    ctx.proxy.conns.add(c)
+    if to_upstream:
+        c.pending.append(to_upstream)
+    if to_client:
+        u.pending.append(to_client)
+    _pair(c, u)
+
+
 def start_relay(ctx: ListenerCtx, transport: asyncio.Transport, first: bytes) -> None:
     """Take over an accepted connection as an opaque TCP relay."""
     client = _Client(ctx)
@@ -140,7 +169,7 @@ def start_relay(ctx: ListenerCtx, transport: asyncio.Transport, first: bytes) ->
     if first:
         ctx.tcp_src.read_bytes += len(first)
         client.pending.append(first)
-    transport.pause_reading()
+    transport.pause_reading()  # until the upstream is connected
     ep = ctx.target.pick()
     if ep is None:
         ctx.metrics.counter("tcp_connect_errors_total", "Opaque TCP connections that found "
@@ -173,6 +202,6 @@ async def _connect(ctx: ListenerCtx, client: _Client, ep: Endpoint) -> None:
         if client.transport.is_closing():
             up.transport.close()
             return
-        client.attach(up)
+        _pair(client, up)
         return
     client.transport.abort()  # a reset tells the client the upstream was unreachable
