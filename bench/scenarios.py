@@ -92,8 +92,9 @@ def _run_loadgen(
     """Run a pinned load generator while sampling the proxy; (output, cpu ticks, wall s)."""
     ticks0, wall0 = meter.ticks(), time.monotonic()
     proc = spawn(name, argv, ctx.trial_dir, core=LOAD_CORE, cwd=REPO_ROOT)
-    rc = wait_sampling(proc, timeout, meter.sample)
+    rc = wait_sampling(proc, timeout, meter.sample, every=0.05)
     ticks, wall = meter.ticks() - ticks0, time.monotonic() - wall0
+    meter.sample()  # a run shorter than one sampling period still gets a figure
     text = proc.log_path.read_text(errors="replace")
     ctx.trial.raw[f"{name}_argv"] = proc.argv
     ctx.trial.raw[f"{name}_output"] = text

