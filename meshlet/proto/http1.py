@@ -35,6 +35,7 @@ __all__ = [
     "RequestHead",
     "ResponseHead",
     "find_head_end",
+    "match_simple_response",
     "parse_request",
     "parse_response",
     "rewrite_head",
@@ -351,6 +352,20 @@ def parse_request(
 
 
 _KEEP_UPGRADE: Final = frozenset((b"upgrade",))
+
+
+def match_simple_response(data: bytes) -> int | None:
+    """The status of `data` if it is exactly one whole HTTP/1.1 response with a
+    Content-Length, a body, and nothing to rewrite (the proxy's fast path); else None.
+    Never raises: anything else goes through `parse_response`."""
+    m = _RESPONSE_FAST_RE.match(data)
+    if m is None:
+        return None
+    code, cl = m.group(1, 2)
+    end = m.end()
+    if end + int(cl) != len(data) or end > 65536 or code == b"204" or code == b"304":
+        return None
+    return int(code)
 
 
 def parse_response(

@@ -34,6 +34,7 @@ from meshlet.proto.http1 import (
     LocalProtocolError,
     RequestHead,
     ResponseHead,
+    match_simple_response,
     parse_request,
     parse_response,
     rewrite_head,
@@ -730,30 +731,25 @@ class H1Upstream(asyncio.Protocol):
         if self.buf:
             self._heads(self.buf + data, down)
             return
+        if self.method != b"HEAD" and down.state == S_WAIT and not down.draining:
+            # `draining` is also set when the request asked to close.
+            simple = match_simple_response(data)
+            if simple is not None:
+                # The common case: a whole response with a length, forwarded as received.
+                down.transport.write(data)
+                ctx.tcp_src.write_bytes += len(data)
+                self.state = self.U_IDLE
+                down.resp_started = True
+                now = ctx.loop.time()
+                stats = down.stats
+                if stats is not None:
+                    stats.response(simple, (now - down.started) * 1000.0)
+                down.response_done(True, now)
+                return
         try:
             resp = parse_response(data, self.method, self.upgrading)
         except LocalProtocolError as e:
             self._refuse(down, e)
-            return
-        if (
-            resp is not None
-            and resp.body == BODY_LENGTH
-            and len(data) - resp.end == resp.content_length
-            and not resp.needs_rewrite
-            and down.state == S_WAIT
-            and not down.draining  # also set when the request asked to close
-        ):
-            # The common case: a whole response with a length, forwarded as received.
-            down.transport.write(data)
-            ctx.tcp_src.write_bytes += len(data)
-            self.head = resp
-            self.state = self.U_IDLE
-            down.resp_started = True
-            now = ctx.loop.time()
-            stats = down.stats
-            if stats is not None:
-                stats.response(resp.status, (now - down.started) * 1000.0)
-            down.response_done(True, now)
             return
         self._heads(data, down, resp)
 

@@ -11,6 +11,7 @@ from meshlet.proto.http1 import (
     BODY_UNTIL_CLOSE,
     LocalProtocolError,
     ResponseHead,
+    match_simple_response,
     parse_response,
 )
 
@@ -155,3 +156,40 @@ def test_response_too_large() -> None:
     with pytest.raises(LocalProtocolError) as ei:
         parse_response(buf[:800], b"GET", max_head=500)
     assert ei.value.status == 502
+
+
+# --- the proxy's fast path: match_simple_response ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 200),
+        (b"HTTP/1.1 404 Not Found\r\nServer: x\r\ncontent-length: 2\r\n"
+         b"Connection: keep-alive\r\n\r\nno", 404),
+        # Not whole, or more than one response: not the fast path.
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel", None),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1", None),
+        # Something to rewrite or a framing the fast path does not handle.
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello", None),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nKeep-Alive: timeout=5\r\n\r\nhello", None),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", None),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello", None),
+        (b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", None),
+        (b"HTTP/1.1 100 Continue\r\n\r\n", None),
+        # Malformed: never the fast path (the general parser then refuses it).
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello", None),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\nhello",
+         None),
+        (b"HTTP/1.1 200 OK\r\nX: a\nContent-Length: 5\r\n\r\nhello", None),
+        (b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\nContent-Length: 5\r\n\r\nhello", None),
+    ],
+)
+def test_match_simple_response(data: bytes, expected: int | None) -> None:
+    assert match_simple_response(data) == expected
+    if expected is not None:
+        head = parse_response(data, b"GET")
+        assert head is not None
+        assert (head.status, head.body, head.end + head.content_length) == (
+            expected, BODY_LENGTH, len(data))
+        assert not head.needs_rewrite and not head.close
