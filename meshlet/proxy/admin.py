@@ -94,6 +94,6 @@ class _Admin(asyncio.Protocol):
 
 
 async def start_admin(proxy: Proxy, addr: Addr) -> asyncio.AbstractServer:
-    return await proxy.loop.create_server(
-        lambda: _Admin(proxy), addr.host, addr.port, reuse_address=True
-    )
+    from meshlet.proxy.server import bind
+
+    return await proxy.loop.create_server(lambda: _Admin(proxy), sock=bind(addr, 64))

@@ -17,6 +17,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 from typing import TYPE_CHECKING, Any, Protocol
 
 from meshlet.api.endpoints import EndpointSet, EndpointsFileError
@@ -108,9 +109,7 @@ class Proxy:
         log.info("meshlet proxy ready: %s; admin on %s", mode, cfg.admin_listen)
 
     async def _listen(self, addr: Addr, ctx: ListenerCtx, target: str) -> None:
-        server = await self.loop.create_server(
-            lambda: Accepted(ctx), addr.host, addr.port, reuse_address=True, backlog=1024
-        )
+        server = await self.loop.create_server(lambda: Accepted(ctx), sock=bind(addr))
         self.servers.append(server)
         port = server.sockets[0].getsockname()[1]
         self.listeners.append({"direction": ctx.direction, "listen": f"{addr.host}:{port}",
@@ -200,6 +199,24 @@ class Proxy:
             log.warning("grace period over: %d connection(s) cut", left)
         log.info("shutdown complete")
         self.done.set()
+
+
+def bind(addr: Addr, backlog: int = 1024) -> socket.socket:
+    """A listening socket made here rather than by the loop: uvloop resolves a host given
+    to `create_server` on libuv's thread pool, which costs four threads and ~6 MB RSS."""
+    family, kind, proto, _name, sockaddr = socket.getaddrinfo(
+        addr.host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _trim_heap() -> None:
