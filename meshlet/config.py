@@ -17,7 +17,16 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["EX_CONFIG", "Addr", "ConfigError", "OutboundBind", "ProxyConfig", "parse_proxy_config"]
+__all__ = [
+    "EX_CONFIG",
+    "Addr",
+    "ConfigError",
+    "ControlConfig",
+    "OutboundBind",
+    "ProxyConfig",
+    "parse_control_config",
+    "parse_proxy_config",
+]
 
 EX_CONFIG = 64
 
@@ -259,5 +268,99 @@ def parse_proxy_config(
     return ProxyConfig(**values)
 
 
+# --- the control plane ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ControlConfig:
+    listen: Addr
+    state_dir: str
+    trust_domain: str
+    cert_lifetime: float  # seconds
+    server_names: tuple[str, ...]
+    log_level: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: str(getattr(self, f.name)) if isinstance(getattr(self, f.name), Addr)
+                else getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+_TD_RE = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+
+def _trust_domain(text: str) -> str:
+    td = text.strip()
+    if not _TD_RE.fullmatch(td):
+        raise ValueError(f"invalid trust domain {text!r} (a DNS-like name)")
+    return td
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise ValueError("at least one name or address is needed")
+    return names
+
+
+def _lifetime(text: str) -> float:
+    secs = parse_duration(text)
+    if not 60 <= secs <= 366 * 86400:
+        raise ValueError(f"lifetime {text!r} must be between 1m and 366 days")
+    return secs
+
+
+_CONTROL_SETTINGS: dict[str, tuple[Callable[[str], Any], str, str]] = {
+    "listen": (parse_addr, "127.0.0.1:9443", "control plane HTTPS listener"),
+    "state_dir": (lambda t: t.strip() or ".meshlet/control", ".meshlet/control",
+                  "where the CA, its keys and the token secret are kept"),
+    "trust_domain": (_trust_domain, "cluster.local", "the mesh's trust domain"),
+    "cert_lifetime": (_lifetime, "24h", "lifetime of workload certificates"),
+    "server_names": (_names, "localhost,127.0.0.1",
+                     "DNS names and IPs in the control plane's own certificate"),
+    "log_level": (_log_level, "info", "debug, info, warning or error"),
+}
+_CONTROL_ENV_NAMES = {
+    "listen": "MESHLET_CONTROL_LISTEN_ADDR",
+    "state_dir": "MESHLET_CONTROL_STATE_DIR",
+    "trust_domain": "MESHLET_TRUST_DOMAIN",
+    "cert_lifetime": "MESHLET_CERT_LIFETIME",
+    "server_names": "MESHLET_CONTROL_SERVER_NAMES",
+    "log_level": "MESHLET_LOG_LEVEL",
+}
+
+
+def control_env_name(field: str) -> str:
+    return _CONTROL_ENV_NAMES[field]
+
+
+def control_flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def control_settings_help() -> list[tuple[str, str, str, str]]:
+    return [(control_flag_name(k), control_env_name(k), d, h)
+            for k, (_p, d, h) in _CONTROL_SETTINGS.items()]
+
+
+def parse_control_config(
+    env: Mapping[str, str], flags: Mapping[str, str | None] | None = None
+) -> ControlConfig:
+    """Build the control plane's config (flags win); ConfigError lists every bad value."""
+    flags = flags or {}
+    errors: list[str] = []
+    values: dict[str, Any] = {}
+    for field, (parser, default, _help) in _CONTROL_SETTINGS.items():
+        given = flags.get(field)
+        source = control_flag_name(field) if given is not None else control_env_name(field)
+        text = given if given is not None else env.get(control_env_name(field), default)
+        try:
+            values[field] = parser(text)
+        except ValueError as e:
+            errors.append(f"{source}: {e}")
+    if errors:
+        raise ConfigError(errors)
+    return ControlConfig(**values)
+
+
 # Variables read by other commands, so the proxy does not call them unknown.
-_OTHER_VARS: frozenset[str] = frozenset()
+_OTHER_VARS: frozenset[str] = frozenset(_CONTROL_ENV_NAMES.values())

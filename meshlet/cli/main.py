@@ -9,7 +9,15 @@ import sys
 from collections.abc import Sequence
 
 from meshlet import __version__
-from meshlet.config import EX_CONFIG, ConfigError, parse_proxy_config, proxy_settings_help
+from meshlet.config import (
+    EX_CONFIG,
+    ConfigError,
+    control_settings_help,
+    parse_control_config,
+    parse_duration,
+    parse_proxy_config,
+    proxy_settings_help,
+)
 
 __all__ = ["main"]
 
@@ -28,17 +36,38 @@ def _proxy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                        help=f"{text} [{var}; default: {default or 'unset'}]")
 
 
+def _control_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    c = sub.add_parser(
+        "control",
+        help="run the control plane (identity), or manage it",
+        description="Run the meshlet control plane. Every flag has a MESHLET_* variable.",
+    )
+    for flag, var, default, text in control_settings_help():
+        c.add_argument(flag, dest="c_" + flag[2:].replace("-", "_"), default=None,
+                       metavar="VALUE", help=f"{text} [{var}; default: {default}]")
+    csub = c.add_subparsers(dest="control_command")
+    tok = csub.add_parser("token", help="join tokens").add_subparsers(
+        dest="token_command", required=True)
+    create = tok.add_parser("create", help="print a join token for one identity")
+    create.add_argument("--namespace", required=True)
+    create.add_argument("--account", required=True)
+    create.add_argument("--ttl", default="1h", help="validity (default 1h)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshlet", description="A small, fast service mesh.")
     parser.add_argument("--version", action="version", version=f"meshlet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _proxy_parser(sub)
+    _control_parser(sub)
     d = sub.add_parser("demo", help="run the example app behind a proxy and show its metrics")
     d.add_argument("--requests", type=int, default=50, help="requests to send (default 50)")
     d.add_argument("--serve", action="store_true", help="keep running until Ctrl-C")
     args = parser.parse_args(argv)
     if args.command == "proxy":
         return _run_proxy(args)
+    if args.command == "control":
+        return _run_control(args)
     if args.command == "demo":
         from meshlet.cli.demo import run_demo
 
@@ -70,3 +99,37 @@ def _run_proxy(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def _run_control(args: argparse.Namespace) -> int:
+    flags = {k[2:]: v for k, v in vars(args).items() if k.startswith("c_")}
+    try:
+        cfg = parse_control_config(os.environ, flags)
+        ttl = parse_duration(args.ttl) if args.control_command == "token" else 0.0
+    except (ConfigError, ValueError) as e:
+        print("meshlet control: invalid configuration:", file=sys.stderr)
+        for line in getattr(e, "errors", [str(e)]):
+            print(f"  {line}", file=sys.stderr)
+        return EX_CONFIG
+    if args.control_command == "token":
+        from pathlib import Path
+
+        from meshlet.control.server import load_token_secret
+        from meshlet.identity.spiffe import Identity
+        from meshlet.identity.tokens import create_token
+
+        try:
+            ident = Identity(cfg.trust_domain, args.namespace, args.account)
+        except ValueError as e:
+            print(f"meshlet control token create: {e}", file=sys.stderr)
+            return EX_CONFIG
+        print(create_token(load_token_secret(Path(cfg.state_dir)), ident, ttl))
+        return 0
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from meshlet.control.server import run_control
+
+    return run_control(cfg)

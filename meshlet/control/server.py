@@ -1,0 +1,217 @@
+"""`meshlet control`: the control plane's HTTPS server. This increment serves identity.
+
+Rules:
+1. TLS 1.3 only. The server's own certificate comes from the mesh CA, with the control
+   plane's identity and the configured DNS names / IPs; clients trust the mesh root.
+2. POST /v1/certify signs a workload's CSR. The caller proves which identity it may
+   claim with a join token (`token`), or, to renew, with the mesh certificate it presents
+   as a TLS client certificate. A CSR for any other identity is refused (403).
+3. The private key never reaches this server: it receives only the CSR.
+4. Requests are parsed by the proxy's strict HTTP/1 core; bodies are bounded
+   (`MAX_BODY`) and every connection has a read timeout.
+5. State (CA files, token secret) lives in `state_dir`, created on first start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import ssl
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from meshlet.config import ControlConfig
+from meshlet.identity.ca import CertificateAuthority, CsrRefused, bundle_pem
+from meshlet.identity.spiffe import Identity, parse_identity
+from meshlet.identity.tokens import TokenError, new_secret, verify_token
+from meshlet.proto.http1 import BODY_LENGTH, BODY_NONE, LocalProtocolError, parse_request
+
+__all__ = ["ControlPlane", "load_token_secret", "run_control"]
+
+log = logging.getLogger("meshlet.control")
+
+MAX_BODY = 64 * 1024
+READ_TIMEOUT = 10.0
+CONTROL_IDENTITY = ("meshlet", "control")  # namespace, account of the control plane
+
+
+def load_token_secret(state_dir: Path) -> bytes:
+    """The HMAC secret for join tokens, created (mode 0600) on first use."""
+    path = state_dir / "token.key"
+    if path.exists():
+        return path.read_bytes()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    secret = new_secret()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret)
+    return secret
+
+
+class ControlPlane:
+    def __init__(self, cfg: ControlConfig) -> None:
+        self.cfg = cfg
+        self.state_dir = Path(cfg.state_dir)
+        self.ca = CertificateAuthority.load_or_create(cfg.trust_domain, self.state_dir / "ca")
+        self.token_secret = load_token_secret(self.state_dir)
+        self.lifetime = dt.timedelta(seconds=cfg.cert_lifetime)
+        self.issued = 0
+        self.refused = 0
+
+    def server_ssl(self) -> ssl.SSLContext:
+        import ipaddress
+
+        names, ips = [], []
+        for n in self.cfg.server_names:
+            try:
+                ipaddress.ip_address(n)
+                ips.append(n)
+            except ValueError:
+                names.append(n)
+        ident = Identity(self.cfg.trust_domain, *CONTROL_IDENTITY)
+        key, chain = self.ca.server_chain(ident, names, ips)
+        crt_path = self.state_dir / "control.crt"
+        key_path = self.state_dir / "control.key"
+        crt_path.write_bytes(bundle_pem(chain))
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_cert_chain(crt_path, key_path)
+        ctx.verify_mode = ssl.CERT_OPTIONAL  # a mesh client cert authenticates renewals
+        ctx.load_verify_locations(cadata=self.ca.bundle().decode())
+        return ctx
+
+    # --- request handling (pure: no I/O) ------------------------------------------------
+
+    def handle(self, method: bytes, path: bytes, body: bytes, peer_uri: str | None
+               ) -> tuple[int, dict[str, Any]]:
+        if path == b"/live" or path == b"/ready":
+            return 200, {"status": "ok"}
+        if path != b"/v1/certify":
+            return 404, {"error": "not found"}
+        if method != b"POST":
+            return 405, {"error": "use POST"}
+        try:
+            req = json.loads(body)
+            csr = req["csr"].encode()
+            token = req.get("token")
+        except (ValueError, KeyError, AttributeError, TypeError):
+            return 400, {"error": "expected JSON {\"csr\": PEM, \"token\": ...}"}
+        if token:
+            try:
+                allowed = verify_token(self.token_secret, str(token))
+            except TokenError as e:
+                self.refused += 1
+                return 401, {"error": str(e)}
+        elif peer_uri is not None:
+            try:
+                allowed = parse_identity(peer_uri)
+            except ValueError as e:
+                self.refused += 1
+                return 401, {"error": str(e)}
+        else:
+            self.refused += 1
+            return 401, {"error": "a join token or a mesh client certificate is required"}
+        try:
+            chain = self.ca.sign_csr(csr, allowed, self.lifetime)
+        except CsrRefused as e:
+            self.refused += 1
+            return 403, {"error": str(e)}
+        self.issued += 1
+        log.info("issued a certificate for %s (until %s)", allowed.uri,
+                 chain[0].not_valid_after_utc.isoformat())
+        return 200, {
+            "identity": allowed.uri,
+            "chain": bundle_pem(chain).decode(),
+            "bundle": self.ca.bundle().decode(),
+            "not_after": chain[0].not_valid_after_utc.isoformat(),
+        }
+
+
+class _Conn(asyncio.Protocol):
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+        self.buf = b""
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.timer = asyncio.get_running_loop().call_later(READ_TIMEOUT, transport.close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        try:
+            req = parse_request(self.buf, 16384, 8192)
+        except LocalProtocolError as e:
+            self._reply(e.status, {"error": e.reason}, close=True)
+            return
+        if req is None:
+            return
+        if req.body not in (BODY_NONE, BODY_LENGTH) or req.content_length > MAX_BODY:
+            self._reply(413, {"error": f"body must have a Content-Length of at most "
+                                       f"{MAX_BODY} bytes"}, close=True)
+            return
+        end = req.end + req.content_length
+        if len(self.buf) < end:
+            return
+        body, self.buf = self.buf[req.end:end], self.buf[end:]
+        peer = self.transport.get_extra_info("peercert")
+        uri = None
+        if peer:
+            uris = [v for k, v in peer.get("subjectAltName", ()) if k == "URI"]
+            uri = uris[0] if len(uris) == 1 else None
+        status, out = self.cp.handle(req.method, req.target.split(b"?", 1)[0], body, uri)
+        self._reply(status, out, close=req.close)
+
+    def _reply(self, status: int, payload: dict[str, Any], close: bool) -> None:
+        body = json.dumps(payload).encode() + b"\n"
+        phrase = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+                  404: "Not Found", 405: "Method Not Allowed",
+                  413: "Content Too Large"}.get(status, "Error")
+        head = (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\n"
+                + ("connection: close\r\n" if close else "") + "\r\n").encode()
+        self.transport.write(head + body)
+        if close:
+            self.transport.close()
+
+
+async def _main(cfg: ControlConfig) -> int:
+    from meshlet.proxy.server import bind
+
+    loop = asyncio.get_running_loop()
+    cp = ControlPlane(cfg)
+    server = await loop.create_server(lambda: _Conn(cp), sock=bind(cfg.listen, 256),
+                                      ssl=cp.server_ssl(), ssl_handshake_timeout=READ_TIMEOUT)
+    port = server.sockets[0].getsockname()[1]
+    log.info("meshlet control on https://%s:%d (trust domain %s; CA in %s; trust anchors: "
+             "%s)", cfg.listen.host, port, cfg.trust_domain, cp.state_dir / "ca",
+             cp.state_dir / "ca" / "root.crt")
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.close()
+    log.info("control plane stopped (issued %d, refused %d)", cp.issued, cp.refused)
+    return 0
+
+
+def run_control(cfg: ControlConfig) -> int:
+    import uvloop
+
+    return uvloop.run(_main(cfg))
