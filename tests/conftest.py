@@ -7,13 +7,14 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from helpers import HttpBackend, ProxyProcess
+from helpers import Control, HttpBackend, ProxyProcess, start_control
 
 # Per-test limit for integration tests that do not set their own.
 DEFAULT_TIMEOUT = 60
@@ -50,3 +51,9 @@ def start_proxy(stack: contextlib.ExitStack) -> Callable[..., ProxyProcess]:
         return stack.enter_context(ProxyProcess(**kw))
 
     return start
+
+
+@pytest.fixture
+def control(tmp_path: Path) -> Iterator[Control]:
+    """A real `meshlet control` (identity) with its state in a temp dir."""
+    yield from start_control(tmp_path / "control")

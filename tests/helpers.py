@@ -23,7 +23,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -912,3 +913,62 @@ class WsEchoServer:
     def close(self) -> None:
         self.server.shutdown()
         self.thread.join(5)
+
+
+# --- the control plane -------------------------------------------------------------------
+
+TD = "mesh.test"
+
+
+class Control:
+    def __init__(self, state: Path, port: int, proc: subprocess.Popen[bytes]) -> None:
+        self.state = state
+        self.port = port
+        self.proc = proc
+
+    @property
+    def anchors(self) -> bytes:
+        return (self.state / "ca" / "root.crt").read_bytes()
+
+    def token(self, ns: str, sa: str, ttl: str = "1h") -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "meshlet", "control", "token", "create",
+             "--namespace", ns, "--account", sa, "--ttl", ttl],
+            env=self.env(), capture_output=True, timeout=30, check=True)
+        return out.stdout.decode().strip()
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "MESHLET_CONTROL_STATE_DIR": str(self.state),
+                "MESHLET_TRUST_DOMAIN": TD,
+                "MESHLET_CONTROL_LISTEN_ADDR": f"127.0.0.1:{self.port}"}
+
+
+def start_control(state: Path, port: int | None = None, lifetime: str = "24h"
+                  ) -> Iterator[Control]:
+    """A `meshlet control` process (a generator for contextlib / fixtures)."""
+    port = port or free_port()
+    c = Control(state, port, None)  # type: ignore[arg-type]
+    env = {**c.env(), "MESHLET_CERT_LIFETIME": lifetime}
+    state.mkdir(parents=True, exist_ok=True)
+    log = open(state / "control.log", "ab")  # noqa: SIM115 - closed below
+    c.proc = subprocess.Popen([sys.executable, "-m", "meshlet", "control"], env=env,
+                              stdin=subprocess.DEVNULL, stderr=log)
+
+    def up() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    try:
+        eventually(up, timeout=15)
+        yield c
+    finally:
+        c.proc.send_signal(signal.SIGTERM)
+        try:
+            assert c.proc.wait(timeout=10) == 0
+        finally:
+            if c.proc.poll() is None:
+                c.proc.kill()
+            log.close()

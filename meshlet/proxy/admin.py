@@ -71,7 +71,7 @@ class _Admin(asyncio.Protocol):
         if path == b"/live":
             return _response(200, b"live\n")
         if path == b"/ready":
-            if proxy.ready:
+            if proxy.is_ready():
                 return _response(200, b"ready\n")
             return _response(503, b"not ready\n")
         if path == b"/config":

@@ -30,6 +30,7 @@ from meshlet.proxy.pool import Pool
 
 if TYPE_CHECKING:
     from meshlet.proxy.http1 import H1Upstream
+    from meshlet.proxy.identity import IdentityManager
 
 __all__ = ["Proxy", "run_proxy"]
 
@@ -57,6 +58,7 @@ class Proxy:
         self.done = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
         self._file_mtime: float | None = None
+        self.identity: IdentityManager | None = None
         self.metrics.gauge("pool_idle_connections", "Idle pooled upstream connections.",
                            lambda: [((), float(self.pool.idle_count()))])
         self.metrics.gauge("process_open_connections", "Client connections open now.",
@@ -75,8 +77,18 @@ class Proxy:
 
     # --- start ------------------------------------------------------------------------
 
+    def is_ready(self) -> bool:
+        """Listening, not draining, and (with a control plane) holding a valid cert."""
+        return self.ready and (self.identity is None or self.identity.valid())
+
     async def start(self) -> None:
         cfg = self.cfg
+        if cfg.control_addr is not None:
+            # `cryptography` costs ~8 MB of RSS: a standalone proxy never imports it.
+            from meshlet.proxy.identity import IdentityManager
+
+            self.identity = IdentityManager(self)
+            self.identity.start()
         if cfg.endpoints_file:
             from meshlet.api.endpoints_file import load_endpoints_file
 
@@ -105,8 +117,13 @@ class Proxy:
         gc.freeze()
         _trim_heap()
         self.ready = True
-        mode = "standalone, plaintext (no control plane)"
-        log.info("meshlet proxy ready: %s; admin on %s", mode, cfg.admin_listen)
+        if self.identity is None:
+            log.info("meshlet proxy up: standalone, plaintext (no control plane); admin on "
+                     "%s", cfg.admin_listen)
+        else:
+            log.info("meshlet proxy up as %s (control plane %s); ready once certified; "
+                     "admin on %s", self.identity.identity, cfg.control_addr,
+                     cfg.admin_listen)
 
     async def _listen(self, addr: Addr, ctx: ListenerCtx, target: str) -> None:
         server = await self.loop.create_server(lambda: Accepted(ctx), sock=bind(addr))
@@ -152,8 +169,10 @@ class Proxy:
 
     def config_view(self) -> dict[str, Any]:
         return {
-            "mode": "standalone",
-            "tls": "disabled: no control plane configured (plaintext)",
+            "mode": "standalone" if self.identity is None else "meshed",
+            "tls": "disabled: no control plane configured (plaintext)"
+            if self.identity is None else "identity held; mTLS data path: next increment",
+            "identity": self.identity.view() if self.identity is not None else None,
             "config": self.cfg.to_json(),
             "listeners": self.listeners,
             "endpoints": {
@@ -193,6 +212,8 @@ class Proxy:
             if t is not None:
                 t.abort()
         self.pool.close_all()
+        if self.identity is not None:
+            self.identity.close()
         if admin is not None:
             admin.close()
         if left:

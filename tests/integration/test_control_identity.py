@@ -5,76 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import socket
 import ssl
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from helpers import eventually, free_port
+from helpers import TD, Control
 
 from meshlet.identity.ca import make_csr, new_key, parse_chain, uri_sans
 from meshlet.identity.client import CertifyError, certify
 from meshlet.identity.spiffe import Identity
-
-TD = "mesh.test"
-
-
-class Control:
-    def __init__(self, state: Path, port: int, proc: subprocess.Popen[bytes]) -> None:
-        self.state = state
-        self.port = port
-        self.proc = proc
-
-    @property
-    def anchors(self) -> bytes:
-        return (self.state / "ca" / "root.crt").read_bytes()
-
-    def token(self, ns: str, sa: str, ttl: str = "1h") -> str:
-        out = subprocess.run(
-            [sys.executable, "-m", "meshlet", "control", "token", "create",
-             "--namespace", ns, "--account", sa, "--ttl", ttl],
-            env=self.env(), capture_output=True, timeout=30, check=True)
-        return out.stdout.decode().strip()
-
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "MESHLET_CONTROL_STATE_DIR": str(self.state),
-                "MESHLET_TRUST_DOMAIN": TD,
-                "MESHLET_CONTROL_LISTEN_ADDR": f"127.0.0.1:{self.port}"}
-
-
-@pytest.fixture
-def control(tmp_path: Path) -> Iterator[Control]:
-    port = free_port()
-    c = Control(tmp_path / "state", port, None)  # type: ignore[arg-type]
-    c.proc = subprocess.Popen([sys.executable, "-m", "meshlet", "control"], env=c.env(),
-                              stderr=subprocess.PIPE)
-
-    def up() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
-
-    try:
-        eventually(up, timeout=15)
-        yield c
-    finally:
-        c.proc.send_signal(signal.SIGTERM)
-        try:
-            assert c.proc.wait(timeout=10) == 0
-        finally:
-            if c.proc.poll() is None:
-                c.proc.kill()
-            c.proc.stderr.close()  # type: ignore[union-attr]
 
 
 def test_certify_with_a_join_token(control: Control) -> None:
