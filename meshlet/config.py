@@ -244,6 +244,30 @@ def proxy_settings_help() -> list[tuple[str, str, str, str]]:
     return [(flag_name(k), env_name(k), d, h) for k, (_p, d, h) in _SETTINGS.items()]
 
 
+Settings = dict[str, tuple[Callable[[str], Any], str, str]]
+
+
+def _parse_settings(
+    table: Settings,
+    env_name_of: Callable[[str], str],
+    flag_name_of: Callable[[str], str],
+    env: Mapping[str, str],
+    flags: Mapping[str, str | None],
+) -> tuple[dict[str, Any], list[str]]:
+    """Parse every setting of `table` (a flag wins over its variable); collect errors."""
+    errors: list[str] = []
+    values: dict[str, Any] = {}
+    for field, (parser, default, _help) in table.items():
+        given = flags.get(field)
+        source = flag_name_of(field) if given is not None else env_name_of(field)
+        text = given if given is not None else env.get(env_name_of(field), default)
+        try:
+            values[field] = parser(text)
+        except ValueError as e:
+            errors.append(f"{source}: {e}")
+    return values, errors
+
+
 def parse_proxy_config(
     env: Mapping[str, str], flags: Mapping[str, str | None] | None = None
 ) -> ProxyConfig:
@@ -252,18 +276,7 @@ def parse_proxy_config(
     `flags` maps field names to the text given on the command line (None: not given).
     Raises ConfigError listing every invalid value.
     """
-    flags = flags or {}
-    errors: list[str] = []
-    values: dict[str, Any] = {}
-    for field, (parser, default, _help) in _SETTINGS.items():
-        name = env_name(field)
-        given = flags.get(field)
-        source = flag_name(field) if given is not None else name
-        text = given if given is not None else env.get(name, default)
-        try:
-            values[field] = parser(text)
-        except ValueError as e:
-            errors.append(f"{source}: {e}")
+    values, errors = _parse_settings(_SETTINGS, env_name, flag_name, env, flags or {})
     known = {env_name(f) for f in _SETTINGS}
     for key in env:
         if key.startswith("MESHLET_") and key not in known and key not in _OTHER_VARS:
@@ -369,17 +382,8 @@ def parse_control_config(
     env: Mapping[str, str], flags: Mapping[str, str | None] | None = None
 ) -> ControlConfig:
     """Build the control plane's config (flags win); ConfigError lists every bad value."""
-    flags = flags or {}
-    errors: list[str] = []
-    values: dict[str, Any] = {}
-    for field, (parser, default, _help) in _CONTROL_SETTINGS.items():
-        given = flags.get(field)
-        source = control_flag_name(field) if given is not None else control_env_name(field)
-        text = given if given is not None else env.get(control_env_name(field), default)
-        try:
-            values[field] = parser(text)
-        except ValueError as e:
-            errors.append(f"{source}: {e}")
+    values, errors = _parse_settings(_CONTROL_SETTINGS, control_env_name, control_flag_name,
+                                     env, flags or {})
     if errors:
         raise ConfigError(errors)
     return ControlConfig(**values)

@@ -148,6 +148,15 @@ class _Head:
     end: int
 
 
+def _simple(h: _Head, body: int, content_length: int) -> None:
+    """Framing of a head with nothing hop-by-hop in it: forwarded as received."""
+    h.body = body
+    h.content_length = content_length
+    h.close = False
+    h.drop = _EMPTY
+    h.needs_rewrite = False
+
+
 class RequestHead(_Head):
     __slots__ = ("expect_continue", "host", "method", "target", "upgrade")
 
@@ -261,13 +270,9 @@ def parse_request(
             h.target = target
             h.version = 11
             h.host = host.rstrip(b" \t").lower()
-            h.body = BODY_NONE
-            h.content_length = 0
-            h.close = False
             h.upgrade = None
             h.expect_continue = False
-            h.drop = _EMPTY
-            h.needs_rewrite = False
+            _simple(h, BODY_NONE, 0)
             return h
     m = _REQUEST_RE.match(buf)
     if m is None:
@@ -308,17 +313,12 @@ def parse_request(
         else:
             if host and b"," not in host and (cl is None or _DIGITS_RE.fullmatch(cl)):
                 h.host = host
-                if cl is None:
-                    h.body = BODY_NONE
-                    h.content_length = 0
-                else:
-                    h.body = BODY_LENGTH
-                    h.content_length = int(cl)
-                h.close = False
                 h.upgrade = None
                 h.expect_continue = False
-                h.drop = _EMPTY
-                h.needs_rewrite = False
+                if cl is None:
+                    _simple(h, BODY_NONE, 0)
+                else:
+                    _simple(h, BODY_LENGTH, int(cl))
                 return h
     other = _framing(h, fields, True)
     upgrade = other.get(b"upgrade")
@@ -385,14 +385,9 @@ def parse_response(
             h.version = 11
             status = h.status = int(code)
             if status == 204 or status == 304:
-                h.body = BODY_NONE
-                h.content_length = 0
+                _simple(h, BODY_NONE, 0)
             else:
-                h.body = BODY_LENGTH
-                h.content_length = int(cl)
-            h.close = False
-            h.drop = _EMPTY
-            h.needs_rewrite = False
+                _simple(h, BODY_LENGTH, int(cl))
             return h
     m = _RESPONSE_RE.match(buf)
     if m is None:
