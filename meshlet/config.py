@@ -81,6 +81,7 @@ class ProxyConfig:
     trust_anchors: str | None
     identity: str | None
     join_token_file: str | None
+    inbound_policy: str
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -185,6 +186,14 @@ def _optional_str(text: str) -> str | None:
     return text.strip() or None
 
 
+def _policy(text: str) -> str:
+    from meshlet.policy.authz import DEFAULTS
+
+    if text.strip() not in DEFAULTS:
+        raise ValueError(f"invalid policy {text!r} (one of {', '.join(DEFAULTS)})")
+    return text.strip()
+
+
 def _optional_identity(text: str) -> str | None:
     if not text.strip():
         return None
@@ -221,6 +230,8 @@ _SETTINGS: dict[str, tuple[Callable[[str], Any], str, str]] = {
     "identity": (_optional_identity, "",
                  "this workload's identity, spiffe://TD/ns/NS/sa/ACCOUNT"),
     "join_token_file": (_optional_str, "", "file holding the join token for the identity"),
+    "inbound_policy": (_policy, "all-unauthenticated",
+                       "inbound default: all-unauthenticated, all-authenticated or deny"),
 }
 
 # Variable names, where they differ from the field name.

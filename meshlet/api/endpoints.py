@@ -21,10 +21,11 @@ class Endpoint:
     port: int
     weight: int = 1
     identity: str | None = None  # the peer's mesh identity, once mTLS lands
-    key: tuple[str, int] = dataclasses.field(init=False, compare=False, repr=False)
+    key: tuple[str, int, str] = dataclasses.field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "key", (self.host, self.port))  # the pool's key
+        # The pool's key: a connection verified for one identity serves only that one.
+        object.__setattr__(self, "key", (self.host, self.port, self.identity or ""))
 
     @property
     def addr(self) -> str:

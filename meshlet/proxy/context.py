@@ -65,6 +65,13 @@ class ListenerCtx:
         self.tcp_dst: TcpStats = self.metrics.tcp(direction, "dst", self.tls)
         self.by_host: dict[bytes, HttpStats] = {}
 
+    def set_tls(self, label: str) -> None:
+        """The `tls` label of this listener's connections ("true", or why not)."""
+        self.tls = label
+        self.tcp_src = self.metrics.tcp(self.direction, "src", label)
+        self.tcp_dst = self.metrics.tcp(self.direction, "dst", label)
+        self.by_host.clear()
+
     def http_stats(self, host: bytes) -> HttpStats:
         st = self.by_host.get(host)
         if st is None:

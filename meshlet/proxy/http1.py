@@ -40,6 +40,7 @@ from meshlet.proto.http1 import (
     rewrite_head,
 )
 from meshlet.proxy.errors import error_response
+from meshlet.proxy.mtls import ALPN_H1, PeerIdentityError, open_upstream
 from meshlet.proxy.tcp import splice
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ class H1Downstream(asyncio.Protocol):
         "body_framer",
         "body_left",
         "buf",
+        "client_line",
         "ctx",
         "draining",
         "ep",
@@ -104,6 +106,8 @@ class H1Downstream(asyncio.Protocol):
         self.ctx = ctx
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.buf: bytes = b""
+        # "meshlet-client-id: <identity>\r\n" for mTLS clients, added to each request.
+        self.client_line = b""
         self.state = S_HEAD
         self.up: H1Upstream | None = None
         self.req: RequestHead | None = None
@@ -227,6 +231,8 @@ class H1Downstream(asyncio.Protocol):
                 head = req.raw
             else:
                 head = rest
+            if self.client_line:
+                head = head[:-2] + self.client_line + b"\r\n"
             self.req_bytes = head
             self.body_left = 0
             self._arm(T_RESPONSE, cfg.response_timeout, self.started)
@@ -252,6 +258,8 @@ class H1Downstream(asyncio.Protocol):
                     req.close = True
             else:
                 head = req.raw
+            if self.client_line:
+                head = head[:-2] + self.client_line + b"\r\n"
             if req.close:
                 self.draining = True  # answer this one, then close
             if body == BODY_NONE:
@@ -365,19 +373,19 @@ class H1Downstream(asyncio.Protocol):
 
     async def _connect(self, ep: Endpoint, head: bytes) -> None:
         ctx = self.ctx
-        loop = ctx.loop
         attempts = min(3, max(1, len(ctx.target.endpoints())))
         reason = "connect_failed"
         status = 502
+        up: H1Upstream | None = None
         for attempt in range(attempts):
             try:
-                _t, up = await asyncio.wait_for(
-                    loop.create_connection(partial(H1Upstream, ctx, ep), ep.host, ep.port),
-                    ctx.cfg.connect_timeout,
-                )
+                _t, up = await open_upstream(ctx, ep, partial(H1Upstream, ctx, ep), ALPN_H1)
                 break
             except TimeoutError:
                 status, reason = 504, "connect_timeout"
+            except PeerIdentityError as e:
+                status, reason = 502, "peer_identity_mismatch"
+                log.warning("refusing %s: %s", ep.addr, e)
             except OSError as e:
                 status = 502
                 reason = _errno_reason(e, "connect")
@@ -387,8 +395,6 @@ class H1Downstream(asyncio.Protocol):
                 if nxt is None:
                     break
                 ep = self.ep = nxt
-        else:
-            up = None  # pragma: no cover - loop always breaks or exhausts
         if up is None or self.state != S_CONNECT or self.transport.is_closing():
             if up is not None:
                 up.close_idle()

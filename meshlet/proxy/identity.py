@@ -63,6 +63,8 @@ class IdentityManager:
         self.last_error: str | None = None
         self.failures = 0
         self._task: asyncio.Task[None] | None = None
+        self._clients: dict[str, ssl.SSLContext] = {}
+        self._server: ssl.SSLContext | None = None
         m = proxy.metrics
         m.gauge("identity_cert_expiration_timestamp_seconds",
                 "When this proxy's certificate expires (unix time; 0: none yet).",
@@ -149,12 +151,36 @@ class IdentityManager:
                 f.write(data)
             os.replace(tmp, self.dir / name)
         self.cert = got
+        for ctx in (*self._clients.values(), *([self._server] if self._server else [])):
+            ctx.load_cert_chain(self.dir / "chain.pem", self.dir / "key.pem")
         self.not_before = leaf.not_valid_before_utc.timestamp()
         self.not_after = leaf.not_valid_after_utc.timestamp()
 
-    def client_context(self) -> ssl.SSLContext:
-        """A TLS 1.3 client context presenting the current certificate."""
-        ctx = ssl.create_default_context(cadata=self.anchors.decode())
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.load_cert_chain(self.dir / "chain.pem", self.dir / "key.pem")
+    def client_context(self, alpn: str | None = None) -> ssl.SSLContext:
+        """A TLS 1.3 client context presenting the current certificate. Contexts with an
+        ALPN (the data path's) are cached, and get each renewed certificate."""
+        ctx = self._clients.get(alpn) if alpn else None
+        if ctx is None:
+            ctx = ssl.create_default_context(cadata=self.anchors.decode())
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            if alpn:
+                # The peer is checked by its SPIFFE ID (mtls.open_upstream), not by name.
+                ctx.check_hostname = False
+                ctx.set_alpn_protocols([alpn])
+                self._clients[alpn] = ctx
+            ctx.load_cert_chain(self.dir / "chain.pem", self.dir / "key.pem")
         return ctx
+
+    def server_context(self) -> ssl.SSLContext:
+        """TLS 1.3 only, a client certificate from the mesh required, mesh ALPNs."""
+        if self._server is None:
+            from meshlet.proxy.mtls import ALPN_H1, ALPN_TCP
+
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cadata=self.anchors.decode())
+            ctx.set_alpn_protocols([ALPN_H1, ALPN_TCP])
+            ctx.load_cert_chain(self.dir / "chain.pem", self.dir / "key.pem")
+            self._server = ctx
+        return self._server

@@ -31,18 +31,18 @@ class Pool(Generic[C]):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, idle_timeout: float, max_idle: int):
         self._loop = loop
-        self._idle: dict[tuple[str, int], list[C]] = {}
+        self._idle: dict[tuple[str, int, str], list[C]] = {}
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
         self._sweeper: asyncio.TimerHandle | None = None
 
-    def get(self, key: tuple[str, int]) -> C | None:
+    def get(self, key: tuple[str, int, str]) -> C | None:
         idle = self._idle.get(key)
         if idle:
             return idle.pop()
         return None
 
-    def put(self, key: tuple[str, int], conn: C, now: float) -> None:
+    def put(self, key: tuple[str, int, str], conn: C, now: float) -> None:
         idle = self._idle.get(key)
         if idle is None:
             idle = self._idle[key] = []
@@ -54,7 +54,7 @@ class Pool(Generic[C]):
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(1.0, self._sweep)
 
-    def discard(self, key: tuple[str, int], conn: C) -> None:
+    def discard(self, key: tuple[str, int, str], conn: C) -> None:
         idle = self._idle.get(key)
         if idle is not None:
             with contextlib.suppress(ValueError):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from meshlet.api.endpoints import EndpointSet, EndpointsFileError
 from meshlet.config import Addr, ProxyConfig
 from meshlet.metrics.registry import Metrics
+from meshlet.policy.authz import Policy
 from meshlet.proxy.balance import Balancer, Fixed, Target
 from meshlet.proxy.context import ListenerCtx
 from meshlet.proxy.listener import Accepted
@@ -37,8 +38,8 @@ __all__ = ["Proxy", "run_proxy"]
 log = logging.getLogger("meshlet.proxy")
 
 
-class _Conn(Protocol):
-    def shutdown(self) -> None: ...
+class _Closable(Protocol):
+    def close(self) -> None: ...
 
 
 class Proxy:
@@ -51,7 +52,8 @@ class Proxy:
         self.n_conns = 0
         self.draining = False
         self.ready = False
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[_Closable] = []
+        self.policy = Policy(cfg.inbound_policy, cfg.inbound_policy)
         self.balancers: dict[str, Balancer] = {}
         self.endpoint_sets: dict[str, EndpointSet] = {}
         self.listeners: list[dict[str, str]] = []
@@ -97,8 +99,18 @@ class Proxy:
         if cfg.inbound_listen is not None and cfg.app_addr is not None:
             app = cfg.app_addr
             target: Target = Fixed(str(app), app.host, app.port, app.port in cfg.opaque_ports)
-            await self._listen(cfg.inbound_listen, ListenerCtx(self, "inbound", target, None,
-                                                               strip_mesh=True), str(app))
+            plain = ListenerCtx(self, "inbound", target, None, strip_mesh=True)
+            if self.identity is None:
+                await self._listen(cfg.inbound_listen, plain, str(app))
+            else:
+                from meshlet.proxy.mtls import PeekingListener
+
+                plain.set_tls("not_provided_by_remote")
+                meshed = ListenerCtx(self, "inbound", target, None, strip_mesh=True)
+                meshed.set_tls("true")
+                sock = bind(cfg.inbound_listen)
+                self.servers.append(PeekingListener(plain, meshed, sock))
+                self._listed(plain, sock, str(app))
         for b in cfg.outbound:
             bal = Balancer(b.service, b.opaque)
             bal.update(self.endpoint_sets.get(b.service), cfg.opaque_ports)
@@ -126,12 +138,16 @@ class Proxy:
                      cfg.admin_listen)
 
     async def _listen(self, addr: Addr, ctx: ListenerCtx, target: str) -> None:
-        server = await self.loop.create_server(lambda: Accepted(ctx), sock=bind(addr))
-        self.servers.append(server)
-        port = server.sockets[0].getsockname()[1]
-        self.listeners.append({"direction": ctx.direction, "listen": f"{addr.host}:{port}",
-                               "target": target, "opaque": str(ctx.target.opaque).lower()})
-        log.info("%s listener on %s:%d -> %s", ctx.direction, addr.host, port, target)
+        sock = bind(addr)
+        self.servers.append(await self.loop.create_server(lambda: Accepted(ctx), sock=sock))
+        self._listed(ctx, sock, target)
+
+    def _listed(self, ctx: ListenerCtx, sock: socket.socket, target: str) -> None:
+        host, port = sock.getsockname()[:2]
+        self.listeners.append({"direction": ctx.direction, "listen": f"{host}:{port}",
+                               "target": target, "opaque": str(ctx.target.opaque).lower(),
+                               "tls": ctx.tls})
+        log.info("%s listener on %s:%d -> %s", ctx.direction, host, port, target)
 
     async def _watch_file(self, path: str) -> None:
         from meshlet.api.endpoints_file import load_endpoints_file

@@ -15,6 +15,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from meshlet.api.endpoints import Endpoint
+from meshlet.proxy.mtls import ALPN_TCP, open_upstream
 
 if TYPE_CHECKING:
     from meshlet.metrics.registry import TcpStats
@@ -184,10 +185,7 @@ async def _connect(ctx: ListenerCtx, client: _Client, ep: Endpoint) -> None:
     attempts = min(3, max(1, len(ctx.target.endpoints())))
     for attempt in range(attempts):
         try:
-            _t, up = await asyncio.wait_for(
-                ctx.loop.create_connection(lambda: _Upstream(ctx), ep.host, ep.port),
-                ctx.cfg.connect_timeout,
-            )
+            _t, up = await open_upstream(ctx, ep, lambda: _Upstream(ctx), ALPN_TCP)
         except (OSError, TimeoutError) as e:
             reason = "connect_timeout" if isinstance(e, TimeoutError) else "connect_failed"
             log.debug("tcp connect to %s failed: %s", ep.addr, e)

@@ -1,0 +1,268 @@
+"""Mesh TLS between proxies: origination (outbound) and termination (inbound).
+
+Rules:
+1. Outbound: a connection to an endpoint whose identity discovery names, made while this
+   proxy holds a valid certificate, is TLS 1.3 with our certificate; the peer's
+   certificate must chain to the mesh anchors *and* carry exactly the expected SPIFFE ID,
+   else the connection is dropped (`PeerIdentityError`, a 502 for HTTP). ALPN says what
+   follows: `meshlet/h1` (HTTP/1.1) or `meshlet/tcp` (opaque bytes).
+2. Inbound, on a meshed proxy: connections are accepted here, and the first bytes are
+   *peeked* (MSG_PEEK), not read, so the chosen path still gets every byte. A ClientHello
+   offering a `meshlet/` ALPN is terminated with mTLS (client certificate required);
+   any other TLS (the app's own) and plaintext go the plain path, where the port's
+   authorization policy decides whether an unauthenticated client may pass.
+3. Authorization is decided once per connection (`meshlet.policy.authz`) and counted in
+   `inbound_authz_allow_total` / `inbound_authz_deny_total`. A denied HTTP client gets a
+   403 with `meshlet-proxy-error`; a denied TCP client is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from meshlet.api.endpoints import Endpoint
+from meshlet.policy.authz import Decision, authorize
+from meshlet.proto.detect import Proto, detect
+from meshlet.proto.tls_hello import MAX_HELLO, parse_client_hello
+from meshlet.proxy.errors import error_response
+
+if TYPE_CHECKING:
+    from meshlet.proxy.context import ListenerCtx
+
+__all__ = ["ALPN_H1", "ALPN_TCP", "PeekingListener", "PeerIdentityError", "open_upstream"]
+
+log = logging.getLogger("meshlet.mtls")
+
+ALPN_H1 = "meshlet/h1"
+ALPN_TCP = "meshlet/tcp"
+
+
+class PeerIdentityError(OSError):
+    """The peer proved an identity other than the one discovery named."""
+
+
+def peer_identity(transport: asyncio.BaseTransport) -> str | None:
+    """The SPIFFE ID of a verified TLS peer (None: no certificate, or not exactly one)."""
+    cert = transport.get_extra_info("peercert")
+    if not cert:
+        return None
+    uris = [v for k, v in cert.get("subjectAltName", ()) if k == "URI"]
+    return uris[0] if len(uris) == 1 else None
+
+
+async def open_upstream(
+    ctx: ListenerCtx, ep: Endpoint, factory: Callable[[], asyncio.Protocol], alpn: str
+) -> tuple[asyncio.Transport, Any]:
+    """Connect to `ep`: mesh TLS when it has an identity and we hold one, else plain."""
+    loop = ctx.loop
+    ident = ctx.proxy.identity
+    if ep.identity and ident is not None and ident.valid():
+        tls = ident.client_context(alpn)
+        t, p = await asyncio.wait_for(
+            loop.create_connection(factory, ep.host, ep.port, ssl=tls,
+                                   server_hostname=ep.host,
+                                   ssl_handshake_timeout=ctx.cfg.connect_timeout),
+            ctx.cfg.connect_timeout,
+        )
+        got = peer_identity(t)
+        if got != ep.identity:
+            t.abort()
+            raise PeerIdentityError(f"peer is {got or 'unidentified'}, expected {ep.identity}")
+        return t, p
+    t, p = await asyncio.wait_for(
+        loop.create_connection(factory, ep.host, ep.port), ctx.cfg.connect_timeout)
+    return t, p
+
+
+def _count(ctx: ListenerCtx, d: Decision, policy: str, client: str | None) -> None:
+    name = "inbound_authz_allow_total" if d.allowed else "inbound_authz_deny_total"
+    ctx.metrics.counter(
+        name, "Inbound connections authorized (allow) or refused (deny), by policy.",
+        (("policy", policy), ("reason", d.reason), ("client_id", client or "")),
+    )
+
+
+class PeekingListener:
+    """Accepts on a meshed inbound port and routes each connection by its first bytes."""
+
+    def __init__(self, plain: ListenerCtx, tls: ListenerCtx, sock: socket.socket) -> None:
+        self.plain = plain
+        self.tls = tls
+        self.sock = sock
+        self.loop = plain.loop
+        self.pending = 0
+        self.loop.add_reader(sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    def _accept(self) -> None:
+        proxy = self.plain.proxy
+        for _ in range(64):
+            try:
+                conn, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("accept failed: %s", e)
+                return
+            if proxy.draining or proxy.n_conns + self.pending >= proxy.cfg.max_connections:
+                self.plain.metrics.counter(
+                    "tcp_refused_total", "Connections closed at accept because a limit was "
+                    "reached or the proxy is shutting down.", (("direction", "inbound"),))
+                conn.close()
+                continue
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _Pending(self, conn, addr[0])
+
+
+class _Pending:
+    """A connection whose first bytes are not known yet (bounded by the detect timeout)."""
+
+    def __init__(self, lst: PeekingListener, conn: socket.socket, host: str) -> None:
+        self.lst = lst
+        self.conn = conn
+        self.addr = ipaddress.ip_address(host.split("%")[0])
+        self.seen = -1
+        self.done = False
+        lst.pending += 1
+        loop = lst.loop
+        if lst.plain.target.opaque:  # server speaks first: no waiting for bytes
+            self._decide(None, b"")
+            return
+        loop.add_reader(conn.fileno(), self._peek)
+        self.timer = loop.call_later(lst.plain.cfg.detect_timeout, self._timeout)
+
+    def _finish(self) -> None:
+        if not self.done:
+            self.done = True
+            self.lst.pending -= 1
+            self.lst.loop.remove_reader(self.conn.fileno())
+            timer = getattr(self, "timer", None)
+            if timer is not None:
+                timer.cancel()
+
+    def _drop(self) -> None:
+        self._finish()
+        self.conn.close()
+
+    def _timeout(self) -> None:
+        self.lst.plain.metrics.counter(
+            "protocol_detect_timeout_total", "Connections that sent too little to detect a "
+            "protocol in time and were proxied as opaque TCP.", (("direction", "inbound"),))
+        self._decide(None, b"")
+
+    def _peek(self) -> None:
+        try:
+            data = self.conn.recv(MAX_HELLO, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop()
+            return
+        if not data:
+            self._drop()
+            return
+        if data[0] != 0x16:
+            self._decide(None, data)
+            return
+        try:
+            hello = parse_client_hello(data)
+        except ValueError:
+            self._decide(None, data)  # not TLS after all: the plain path judges it
+            return
+        if hello is None:
+            if len(data) == self.seen or len(data) >= MAX_HELLO:
+                # Nothing new since the last look: stop polling a level-triggered fd,
+                # look again shortly (a partial ClientHello is rare).
+                loop = self.lst.loop
+                loop.remove_reader(self.conn.fileno())
+                loop.call_later(0.005, self._repoll)
+            self.seen = len(data)
+            return
+        mesh = any(p.startswith("meshlet/") for p in hello.alpn)
+        self._decide(True if mesh else None, data)
+
+    def _repoll(self) -> None:
+        if not self.done:
+            self.lst.loop.add_reader(self.conn.fileno(), self._peek)
+
+    def _decide(self, mesh_tls: bool | None, first: bytes) -> None:
+        self._finish()
+        self.lst.loop.create_task(self._connect(bool(mesh_tls), first))
+
+    async def _connect(self, mesh_tls: bool, first: bytes) -> None:
+        from meshlet.proxy.listener import Accepted
+
+        lst = self.lst
+        loop = lst.loop
+        proxy = lst.plain.proxy
+        policy = proxy.policy
+        if not mesh_tls:
+            d = authorize(policy, None, self.addr)
+            _count(lst.plain, d, policy.name, None)
+            if not d.allowed:
+                if detect(first) is Proto.HTTP1:
+                    self.conn.send(error_response(403, "unauthorized_" + d.reason))
+                self.conn.close()
+                return
+            await loop.connect_accepted_socket(lambda: Accepted(lst.plain), self.conn)
+            return
+        ident = proxy.identity
+        if ident is None or not ident.valid():
+            self.conn.close()  # no certificate to answer with
+            return
+        try:
+            await loop.connect_accepted_socket(
+                lambda: _MeshAccepted(lst.tls, self.addr), self.conn,
+                ssl=ident.server_context(), ssl_handshake_timeout=lst.plain.cfg.detect_timeout)
+        except (OSError, TimeoutError) as e:
+            log.debug("mesh TLS handshake from %s failed: %s", self.addr, e)
+            lst.plain.metrics.counter(
+                "inbound_tls_handshake_errors_total", "Mesh TLS handshakes that failed.",
+                (("direction", "inbound"),))
+            self.conn.close()
+
+
+class _MeshAccepted(asyncio.Protocol):
+    """Right after the mTLS handshake: authorize, then hand over by ALPN."""
+
+    def __init__(self, ctx: ListenerCtx, addr: Any) -> None:
+        self.ctx = ctx
+        self.addr = addr
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        from meshlet.proxy.http1 import H1Downstream
+        from meshlet.proxy.tcp import start_relay
+
+        t: asyncio.Transport = transport  # type: ignore[assignment]
+        ctx = self.ctx
+        proxy = ctx.proxy
+        client = peer_identity(t)
+        d = authorize(proxy.policy, client, self.addr)
+        _count(ctx, d, proxy.policy.name, client)
+        ssl_obj = t.get_extra_info("ssl_object")
+        alpn = ssl_obj.selected_alpn_protocol() if ssl_obj is not None else None
+        if not d.allowed:
+            if alpn == ALPN_H1:
+                t.write(error_response(403, "unauthorized_" + d.reason))
+            t.close()
+            return
+        if not proxy.conn_opened():
+            t.abort()
+            return
+        ctx.tcp_src.opened += 1
+        if alpn == ALPN_TCP:
+            start_relay(ctx, t, b"")
+            return
+        h = H1Downstream(ctx)
+        h.client_line = f"meshlet-client-id: {client}\r\n".encode() if client else b""
+        t.set_protocol(h)
+        h.connection_made(t)
