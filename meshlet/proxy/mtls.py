@@ -42,6 +42,26 @@ ALPN_H1 = "meshlet/h1"
 ALPN_TCP = "meshlet/tcp"
 
 
+class _OncePerMinute:
+    """Log a peer's failures at most once a minute each: no log flood from one client."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, peer: str, msg: str, *args: Any
+                 ) -> None:
+        now = loop.time()
+        if now - self.last.get(peer, -1e9) < 60.0:
+            return
+        if len(self.last) > 10000:
+            self.last.clear()
+        self.last[peer] = now
+        log.warning(msg, *args)
+
+
+_log_handshake_failure = _OncePerMinute()
+
+
 class PeerIdentityError(OSError):
     """The peer proved an identity other than the one discovery named."""
 
@@ -52,7 +72,14 @@ def peer_identity(transport: asyncio.BaseTransport) -> str | None:
     if not cert:
         return None
     uris = [v for k, v in cert.get("subjectAltName", ()) if k == "URI"]
-    return uris[0] if len(uris) == 1 else None
+    if len(uris) != 1:
+        return None
+    from meshlet.identity.spiffe import parse_identity
+
+    try:
+        return parse_identity(uris[0]).uri
+    except ValueError:
+        return None  # signed by the mesh CA, yet no workload identity: unauthenticated
 
 
 async def open_upstream(
@@ -134,9 +161,9 @@ class _Pending:
         self.done = False
         lst.pending += 1
         loop = lst.loop
-        if lst.plain.target.opaque:  # server speaks first: no waiting for bytes
-            self._decide(None, b"")
-            return
+        # Even on an opaque port: mesh clients speak first (TLS). An unmeshed client of a
+        # server-speaks-first app waits for the detect timeout here; such ports are better
+        # left out of interception for unmeshed clients.
         loop.add_reader(conn.fileno(), self._peek)
         self.timer = loop.call_later(lst.plain.cfg.detect_timeout, self._timeout)
 
@@ -224,7 +251,10 @@ class _Pending:
                 lambda: _MeshAccepted(lst.tls, self.addr), self.conn,
                 ssl=ident.server_context(), ssl_handshake_timeout=lst.plain.cfg.detect_timeout)
         except (OSError, TimeoutError) as e:
-            log.debug("mesh TLS handshake from %s failed: %s", self.addr, e)
+            _log_handshake_failure(loop, str(self.addr), "mesh TLS handshake from %s "
+                                   "failed: %s (further failures from it are counted in "
+                                   "inbound_tls_handshake_errors_total, logged once a "
+                                   "minute)", self.addr, e)
             lst.plain.metrics.counter(
                 "inbound_tls_handshake_errors_total", "Mesh TLS handshakes that failed.",
                 (("direction", "inbound"),))

@@ -4,7 +4,10 @@ ways, the client's identity given to the app, inbound authorization. Real proces
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 from pathlib import Path
+from typing import Any
 
 from helpers import (
     TD,
@@ -81,3 +84,163 @@ def test_wrong_peer_identity_is_refused(control: Control, backend: HttpBackend,
             assert r.status == 502, r
             assert r.header("meshlet-proxy-error") == "peer_identity_mismatch"
             assert backend.received(mark) == b""  # nothing reached the app
+
+
+def test_opaque_tcp_over_mtls(control: Control, tmp_path: Path) -> None:
+    from helpers import TcpServer
+
+    with TcpServer(mode="banner", banner=b"220 db ready\r\n") as db, \
+            ProxyProcess(app=db.port, ready_timeout=15,
+                         env=_env(control, tmp_path / "b", "web",
+                                  MESHLET_OPAQUE_PORTS=str(db.port),
+                                  MESHLET_INBOUND_POLICY="all-authenticated")) as b:
+            assert b.inbound_port is not None
+            eps = _endpoints(b.inbound_port, WEB).replace("name: web\n    port: 80",
+                                                          "name: db\n    port: 5432")
+            with ProxyProcess(outbound={"db:5432": "/opaque"}, endpoints=eps,
+                              ready_timeout=15,
+                              env=_env(control, tmp_path / "a", "client")) as a:
+                with socket.create_connection(("127.0.0.1", a.outbound["db:5432"]),
+                                              timeout=10) as s:
+                    got = b""
+                    while b"\r\n" not in got:
+                        got += s.recv(100)
+                    assert got == b"220 db ready\r\n"  # the server spoke first, via mTLS
+                    s.sendall(b"ping\n")
+                    echo = b""
+                    while len(echo) < 5:
+                        echo += s.recv(100)
+                    assert echo == b"ping\n"
+                m = b.metrics()
+                assert metric(m, "inbound_authz_allow_total", client_id=CLIENT) == 1
+                assert metric(m, "tcp_open_total", direction="inbound", peer="src",
+                              tls="true") == 1
+
+
+def _client_ctx(control: Control, tmp: Path, chain: bytes | None, key: bytes | None,
+                max_version: ssl.TLSVersion = ssl.TLSVersion.MAXIMUM_SUPPORTED
+                ) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cadata=control.anchors.decode())
+    ctx.check_hostname = False
+    ctx.maximum_version = max_version
+    ctx.set_alpn_protocols(["meshlet/h1"])
+    if chain is not None and key is not None:
+        (tmp / "c.pem").write_bytes(chain)
+        (tmp / "k.pem").write_bytes(key)
+        ctx.load_cert_chain(tmp / "c.pem", tmp / "k.pem")
+    return ctx
+
+
+def _key_pem(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _try(port: int, ctx: ssl.SSLContext) -> bytes | None:
+    """The response to one request over TLS, or None if the TLS session failed."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            s.sendall(b"GET /anything HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+            # TLS 1.3: a client may finish its side before the server checks the client
+            # certificate; a refusal then shows as a close with no response.
+            return out or None
+    except (ssl.SSLError, OSError):
+        return None
+
+
+def test_bad_client_certificates_are_refused(control: Control, backend: HttpBackend,
+                                             tmp_path: Path) -> None:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    from meshlet.identity.ca import CertificateAuthority, bundle_pem, make_csr, new_key
+    from meshlet.identity.spiffe import Identity
+
+    ca = CertificateAuthority.load(TD, control.state / "ca")
+    client = Identity(TD, "default", "client")
+    good_key = new_key()
+    good = bundle_pem(ca.sign_csr(make_csr(good_key, client), client))
+    foreign_ca = CertificateAuthority.create(TD)
+    f_key = new_key()
+    foreign = bundle_pem(foreign_ca.sign_csr(make_csr(f_key, client), client))
+    e_key = new_key()
+    now = dt.datetime.now(dt.UTC)
+    expired_leaf = (
+        x509.CertificateBuilder().subject_name(x509.Name([]))
+        .issuer_name(ca.issuer.subject).public_key(e_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=2))
+        .not_valid_after(now - dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.UniformResourceIdentifier(client.uri)]), critical=True)
+        .sign(ca.issuer_key, hashes.SHA256())
+    )
+    expired = bundle_pem([expired_leaf, ca.issuer])
+
+    with ProxyProcess(app=backend.port, ready_timeout=15,
+                      env=_env(control, tmp_path / "b", "web")) as b:
+        port = b.inbound_port
+        assert port is not None
+        ok = _try(port, _client_ctx(control, tmp_path, good, _key_pem(good_key)))
+        assert ok is not None and ok.startswith(b"HTTP/1.1 200"), ok
+        mark = backend.mark()
+        bad = {
+            "no client cert": _client_ctx(control, tmp_path, None, None),
+            "another CA": _client_ctx(control, tmp_path, foreign, _key_pem(f_key)),
+            "expired": _client_ctx(control, tmp_path, expired, _key_pem(e_key)),
+            "TLS 1.2 only": _client_ctx(control, tmp_path, good, _key_pem(good_key),
+                                        ssl.TLSVersion.TLSv1_2),
+        }
+        for what, ctx in bad.items():
+            assert _try(port, ctx) is None, what
+        assert backend.received(mark) == b""  # none of them reached the app
+        # Others are unaffected.
+        again = _try(port, _client_ctx(control, tmp_path, good, _key_pem(good_key)))
+        assert again is not None and again.startswith(b"HTTP/1.1 200")
+        m = b.metrics()
+        assert metric(m, "inbound_tls_handshake_errors_total", direction="inbound") == 4
+        # Logged once per peer per minute, not once per failure.
+        assert b.stderr().count("mesh TLS handshake from 127.0.0.1 failed") == 1
+
+
+def test_the_apps_own_tls_passes_through(control: Control, tmp_path: Path) -> None:
+    """TLS that is not the mesh's (no meshlet ALPN) reaches the app untouched: the client
+    completes its handshake with the app's certificate, not the proxy's."""
+    import threading
+
+    from meshlet.identity.ca import CertificateAuthority, bundle_pem
+    from meshlet.identity.spiffe import Identity
+
+    app_ca = CertificateAuthority.create("app.example")
+    key, chain = app_ca.server_chain(Identity("app.example", "app", "tls"), ["app.local"], [])
+    (tmp_path / "app.crt").write_bytes(bundle_pem(chain))
+    (tmp_path / "app.key").write_bytes(_key_pem(key))
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(tmp_path / "app.crt", tmp_path / "app.key")
+    lsock = socket.create_server(("127.0.0.1", 0))
+    app_port = lsock.getsockname()[1]
+
+    def serve() -> None:
+        with lsock:
+            conn, _ = lsock.accept()
+            with sctx.wrap_socket(conn, server_side=True) as t:
+                t.sendall(b"app says: " + t.recv(100))
+
+    threading.Thread(target=serve, daemon=True).start()
+    with ProxyProcess(app=app_port, ready_timeout=15,
+                      env=_env(control, tmp_path / "b", "web")) as b:
+        assert b.inbound_port is not None
+        cctx = ssl.create_default_context(cadata=app_ca.bundle().decode())
+        cctx.set_alpn_protocols(["http/1.1"])
+        with socket.create_connection(("127.0.0.1", b.inbound_port), timeout=10) as raw, \
+                cctx.wrap_socket(raw, server_hostname="app.local") as s:
+            s.sendall(b"hello")
+            assert s.recv(100) == b"app says: hello"
