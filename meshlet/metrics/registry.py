@@ -119,8 +119,12 @@ class Metrics:
         self._counters: dict[str, tuple[str, dict[Labels, int]]] = {}
         self._gauges: dict[str, tuple[str, Callable[[], Iterable[tuple[Labels, float]]]]] = {}
 
-    def http(self, direction: str, authority: str, tls: str) -> HttpStats:
+    def http(self, direction: str, authority: str, tls: str, client_id: str = ""
+             ) -> HttpStats:
+        """Stats for one label set; `client_id`: the verified peer identity (mTLS)."""
         key: Labels = (("direction", direction), ("authority", authority), ("tls", tls))
+        if client_id:
+            key += (("client_id", client_id),)
         st = self._http.get(key)
         if st is None:
             if len(self._http) >= MAX_LABEL_SETS:
@@ -135,10 +139,10 @@ class Metrics:
             st = self._http[key] = HttpStats(key)
         return st
 
-    def tcp(self, direction: str, peer: str, tls: str, target: str = "") -> TcpStats:
+    def tcp(self, direction: str, peer: str, tls: str, client_id: str = "") -> TcpStats:
         key: Labels = (("direction", direction), ("peer", peer), ("tls", tls))
-        if target:
-            key += (("target_addr", target),)
+        if client_id:
+            key += (("client_id", client_id),)
         st = self._tcp.get(key)
         if st is None:
             st = self._tcp[key] = TcpStats(key)

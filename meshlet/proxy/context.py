@@ -24,9 +24,11 @@ __all__ = ["ListenerCtx"]
 
 class ListenerCtx:
     __slots__ = (
+        "_clients",
         "authority",
         "by_host",
         "cfg",
+        "client_id",
         "direction",
         "fixed",
         "loop",
@@ -64,13 +66,32 @@ class ListenerCtx:
         self.tcp_src: TcpStats = self.metrics.tcp(direction, "src", self.tls)
         self.tcp_dst: TcpStats = self.metrics.tcp(direction, "dst", self.tls)
         self.by_host: dict[bytes, HttpStats] = {}
+        self.client_id = ""
+        self._clients: dict[str, ListenerCtx] = {}
 
-    def set_tls(self, label: str) -> None:
-        """The `tls` label of this listener's connections ("true", or why not)."""
+    def set_tls(self, label: str, client_id: str = "") -> None:
+        """The `tls` label of this context's connections ("true", or why not), and for
+        mTLS the client's identity (`client_id` label)."""
         self.tls = label
-        self.tcp_src = self.metrics.tcp(self.direction, "src", label)
-        self.tcp_dst = self.metrics.tcp(self.direction, "dst", label)
+        self.client_id = client_id
+        self.tcp_src = self.metrics.tcp(self.direction, "src", label, client_id)
+        self.tcp_dst = self.metrics.tcp(self.direction, "dst", label, client_id)
         self.by_host.clear()
+
+    def for_client(self, client_id: str) -> ListenerCtx:
+        """A context like this one whose metrics carry `client_id` (kept per identity,
+        bounded: past 1,000 identities they share one)."""
+        ctx = self._clients.get(client_id)
+        if ctx is None:
+            if len(self._clients) >= 1000:
+                client_id = "overflow"
+                ctx = self._clients.get(client_id)
+            if ctx is None:
+                ctx = ListenerCtx(self.proxy, self.direction, self.target, self.authority,
+                                  self.strip_mesh)
+                ctx.set_tls(self.tls, client_id)
+                self._clients[client_id] = ctx
+        return ctx
 
     def http_stats(self, host: bytes) -> HttpStats:
         st = self.by_host.get(host)
@@ -78,7 +99,7 @@ class ListenerCtx:
             label = self.authority
             if label is None:
                 label = host.decode("latin-1")
-            st = self.metrics.http(self.direction, label, self.tls)
+            st = self.metrics.http(self.direction, label, self.tls, self.client_id)
             if len(self.by_host) < 4096:
                 self.by_host[host] = st
         return st

@@ -273,9 +273,9 @@ class _MeshAccepted(asyncio.Protocol):
         from meshlet.proxy.tcp import start_relay
 
         t: asyncio.Transport = transport  # type: ignore[assignment]
-        ctx = self.ctx
-        proxy = ctx.proxy
+        proxy = self.ctx.proxy
         client = peer_identity(t)
+        ctx = self.ctx.for_client(client) if client else self.ctx
         d = authorize(proxy.policy, client, self.addr)
         _count(ctx, d, proxy.policy.name, client)
         ssl_obj = t.get_extra_info("ssl_object")

@@ -59,9 +59,12 @@ def test_mtls_between_proxies(control: Control, backend: HttpBackend, tmp_path: 
             assert r2.status == 200
             m = b.metrics()
             assert metric(m, "inbound_authz_allow_total", client_id=CLIENT) >= 1
-            # Both requests rode one pooled mTLS connection.
+            # Both requests rode one pooled mTLS connection; the golden metrics say TLS
+            # and whose.
             assert metric(m, "tcp_open_total", direction="inbound", peer="src",
-                          tls="true") == 1
+                          tls="true", client_id=CLIENT) == 1
+            assert metric(m, "response_total", direction="inbound", tls="true",
+                          client_id=CLIENT, status_code="200") == 2
 
         # A plaintext client is not authenticated: 403 from the all-authenticated port.
         raw = raw_exchange(b.inbound_port, b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
