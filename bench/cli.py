@@ -24,8 +24,19 @@ from bench.backend import start_nginx, start_sink
 from bench.common import LOAD_CORE, MIB, PROXY_CORE, BenchError
 from bench.loadgen import hey_argv, wrk_argv
 from bench.machine import idle_check, idle_problems, machine_info
+from bench.mesh import make_pki, start_control
 from bench.procs import stop_all
-from bench.scenarios import H1, SCENARIO_NAMES, TCP, Backends, Settings, Trial, run_trial
+from bench.scenarios import (
+    H1,
+    HANDSHAKE_THREADS,
+    MTLS,
+    SCENARIO_NAMES,
+    TCP,
+    Backends,
+    Settings,
+    Trial,
+    run_trial,
+)
 from bench.systems import SYSTEM_NAMES, VERSIONS, tool_versions
 
 
@@ -73,6 +84,9 @@ def settings_for(quick: bool) -> Settings:
             bulk_bytes=256 * MIB,
             ready_timeout=10.0,
             bulk_timeout=60.0,
+            mesh_wrk_seconds=3,
+            mesh_hey_seconds=3,
+            handshake_seconds=2,
         )
     return Settings(
         wrk_seconds=15,
@@ -80,6 +94,9 @@ def settings_for(quick: bool) -> Settings:
         bulk_bytes=1024 * MIB,
         ready_timeout=15.0,
         bulk_timeout=240.0,
+        mesh_wrk_seconds=15,
+        mesh_hey_seconds=15,
+        handshake_seconds=10,
     )
 
 
@@ -123,9 +140,15 @@ def cleanup_on_signals() -> Iterator[None]:
 def start_backends(opts: Options, workdir: Path) -> Backends:
     log_dir = workdir / "backends"
     log_dir.mkdir()
-    nginx_port = start_nginx(workdir, log_dir)[1] if H1 in opts.scenarios else None
+    http = H1 in opts.scenarios or MTLS in opts.scenarios
+    nginx_port = start_nginx(workdir, log_dir)[1] if http else None
     sink_port = start_sink(log_dir)[1] if TCP in opts.scenarios else None
-    return Backends(nginx_port, sink_port)
+    mesh = None
+    if MTLS in opts.scenarios:
+        mesh = make_pki(workdir / "mesh")
+        if "meshlet" in opts.systems:
+            start_control(mesh, log_dir)
+    return Backends(nginx_port, sink_port, mesh)
 
 
 def progress(trial: Trial, reps: int) -> None:
@@ -136,6 +159,13 @@ def progress(trial: Trial, reps: int) -> None:
     elif trial.scenario == H1:
         detail = (
             f"{f['rps']:,.0f} req/s, {f['cpu_us_per_req']:.1f} µs/req, p99 {f['p99_ms']:.2f} ms"
+        )
+    elif trial.scenario == MTLS:
+        detail = (
+            f"{f['rps']:,.0f} req/s, {f['cpu_us_per_req']:.1f} µs/req "
+            f"(A {f['cpu_us_per_req_a']:.1f} + B {f['cpu_us_per_req_b']:.1f}), "
+            f"p99 {f['p99_ms']:.2f} ms, {f['hs_per_s']:,.0f} handshakes/s, "
+            f"B {f['hs_cpu_us']:.0f} µs/handshake"
         )
     else:
         detail = f"{f['mb_per_s']:,.0f} MiB/s, {f['cpu_us_per_mb']:.0f} µs/MiB"
@@ -173,6 +203,11 @@ def build_document(
             "wrk": wrk_argv(0, settings.wrk_seconds),
             "hey": hey_argv(0, settings.hey_seconds),
             "bulk_mib": settings.bulk_bytes // MIB,
+            "mtls_wrk": wrk_argv(0, settings.mesh_wrk_seconds),
+            "mtls_hey": hey_argv(0, settings.mesh_hey_seconds),
+            "mtls_handshakes": f"python -m bench.tlsclient --threads {HANDSHAKE_THREADS} "
+            f"--seconds {settings.handshake_seconds} (fresh mTLS 1.3 connections to B)",
+            "mtls_cpu_rss": "sum of proxy A and proxy B (each also in figures *_a / *_b)",
             "aggregate": "median over reps (error counts: sum); systems rotated each rep",
         },
         "summary": summary,
@@ -189,6 +224,10 @@ def render(doc: dict[str, Any], opts: Options, settings: Settings) -> str:
         f"hey -z {settings.hey_seconds}s -c 20 -q 100 (2,000 req/s); {n}",
         TCP: f"== tcp-bulk: {settings.bulk_bytes // MIB} MiB per transfer"
         f"{' (--quick; full run: 1024 MiB)' if opts.quick else ''}; {n}",
+        MTLS: f"== h1-mesh-mtls: wrk → A → mTLS 1.3 → B → nginx; CPU and RSS = A + B; "
+        f"wrk -d{settings.mesh_wrk_seconds}s, hey -z {settings.mesh_hey_seconds}s, "
+        f"{settings.handshake_seconds} s of new mTLS connections to B"
+        f"{' (--quick; full run: 15 s, 15 s, 10 s)' if opts.quick else ''}; {n}",
     }
     parts = [
         report.table(s, doc["summary"], opts.systems, doc["ratios"], titles[s])

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from bench.common import BenchError
 
@@ -120,10 +121,17 @@ def wait_sampling(
 
 
 def run_to_completion(
-    name: str, argv: list[str], log_dir: Path, timeout: float, core: int | None = None
+    name: str,
+    argv: list[str],
+    log_dir: Path,
+    timeout: float,
+    core: int | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> str:
     """Run a short helper command, return its combined output; error on rc != 0."""
-    proc = spawn(name, argv, log_dir, core=core)
+    proc = spawn(name, argv, log_dir, core=core, env=env, cwd=cwd)
     rc = wait_sampling(proc, timeout, lambda: None)
     out = proc.log_path.read_text(errors="replace")
     if rc != 0:
@@ -211,6 +219,34 @@ class TreeMeter:
         value = self.rss()
         self.samples.append(value)
         self.rss_max_kib = max(self.rss_max_kib, value)
+
+
+class Meter(Protocol):
+    """What a load run samples: a CPU tick counter and a periodic RSS sample."""
+
+    def ticks(self) -> int: ...
+
+    def sample(self) -> None: ...
+
+
+@dataclass
+class PairMeter:
+    """Two proxies measured as one: ticks and RSS are sums (max RSS of the sum kept)."""
+
+    a: TreeMeter
+    b: TreeMeter
+    rss_max_kib: int = 0
+
+    def ticks(self) -> int:
+        return self.a.ticks() + self.b.ticks()
+
+    def rss(self) -> int:
+        return self.a.rss() + self.b.rss()
+
+    def sample(self) -> None:
+        self.a.sample()
+        self.b.sample()
+        self.rss_max_kib = max(self.rss_max_kib, self.a.samples[-1] + self.b.samples[-1])
 
 
 def ticks_to_us(ticks: int) -> float:

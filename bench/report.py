@@ -6,7 +6,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from bench.scenarios import H1, TCP, Trial
+from bench.scenarios import H1, MTLS, TCP, Trial
 
 Agg = Literal["median", "sum"]
 PEERS = ("envoy", "haproxy")
@@ -22,6 +22,7 @@ class Metric:
     parts: tuple[str, ...] = ()  # figures summed into this one (default: key itself)
     agg: Agg = "median"
     ratio: bool = True
+    table: bool = True  # False: in the JSON summary only
 
     def value(self, figures: dict[str, float]) -> float | None:
         keys = self.parts or (self.key,)
@@ -56,6 +57,50 @@ METRICS: dict[str, tuple[Metric, ...]] = {
             ("hey_non_2xx", "hey_errors"),
             "sum",
             ratio=False,
+        ),
+    ),
+    MTLS: (
+        Metric("rps", "req/s at saturation (wrk → A)", "{:,.0f}"),
+        Metric("cpu_us_per_req", "CPU µs / request, A + B", "{:.1f}"),
+        Metric("cpu_util_pct", "CPU % (A + B, core 0) during wrk", "{:.0f}", ratio=False),
+        Metric("rss_idle_mb", "RSS idle, A + B, MiB", "{:.1f}"),
+        Metric("rss_load_mb", "RSS under load (max), A + B, MiB", "{:.1f}"),
+        Metric("p50_ms", "p50 ms @2,000 req/s (hey)", "{:.2f}"),
+        Metric("p99_ms", "p99 ms @2,000 req/s", "{:.2f}"),
+        Metric("max_ms", "max ms @2,000 req/s", "{:.2f}"),
+        Metric("hey_rps", "rate achieved by hey, req/s", "{:,.0f}", ratio=False),
+        Metric(
+            "wrk_bad",
+            "wrk non-2xx + socket errs (sum)",
+            "{:.0f}",
+            ("wrk_non_2xx", "wrk_socket_errors"),
+            "sum",
+            ratio=False,
+        ),
+        Metric(
+            "hey_bad",
+            "hey non-2xx + errors (sum)",
+            "{:.0f}",
+            ("hey_non_2xx", "hey_errors"),
+            "sum",
+            ratio=False,
+        ),
+        Metric("hs_per_s", "new mTLS conns/s, client → B", "{:,.0f}"),
+        Metric("hs_cpu_us", "B CPU µs / new mTLS connection", "{:.0f}"),
+        Metric("hs_cpu_util_pct", "B CPU % during new connections", "{:.0f}", ratio=False),
+        Metric("hs_errors", "new-connection errors (sum)", "{:.0f}", agg="sum", ratio=False),
+        *(
+            Metric(key, key, "{:.1f}", ratio=False, table=False)
+            for key in (
+                "cpu_us_per_req_a",
+                "cpu_us_per_req_b",
+                "cpu_util_pct_a",
+                "cpu_util_pct_b",
+                "rss_idle_a_mb",
+                "rss_idle_b_mb",
+                "rss_load_a_mb",
+                "rss_load_b_mb",
+            )
         ),
     ),
     TCP: (
@@ -118,7 +163,7 @@ def table(
     peers = [p for p in PEERS if SUBJECT in systems and p in systems]
     heads = [*systems, *(f"{SUBJECT}/{p}" for p in peers)]
     lines = [title, f"{'':34}" + "".join(f"{h:>16}" for h in heads)]
-    for metric in METRICS[scenario]:
+    for metric in (m for m in METRICS[scenario] if m.table):
         cells = [_fmt(metric, summary[scenario][s].get(metric.key)) for s in systems]
         for peer in peers:
             r = rat.get(scenario, {}).get(metric.key, {}).get(f"{SUBJECT}/{peer}")

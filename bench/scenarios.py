@@ -13,13 +13,17 @@ from typing import Any
 from bench.backend import NGINX_BODY
 from bench.common import LOAD_CORE, LOOPBACK, MIB, REPO_ROOT, BenchError
 from bench.loadgen import hey_argv, parse_bulk, parse_hey, parse_wrk, wrk_argv
-from bench.procs import Proc, TreeMeter, spawn, ticks_to_us, wait_sampling
+from bench.mesh import CLIENT, PAIR_BUILDERS, SERVER, Mesh, Pair, final_state, spiffe_uri
+from bench.mesh import verify_mtls as _verify_mtls
+from bench.procs import Meter, PairMeter, Proc, TreeMeter, spawn, ticks_to_us, wait_sampling
 from bench.systems import BUILDERS, LaunchSpec, Mode, start_proxy
 from bench.tcpbulk import transfer
 
 H1 = "h1-one-proxy"
 TCP = "tcp-bulk"
-SCENARIO_NAMES = (H1, TCP)
+MTLS = "h1-mesh-mtls"
+SCENARIO_NAMES = (H1, TCP, MTLS)
+HANDSHAKE_THREADS = 4
 IDLE_SETTLE_S = 1.0
 WARMUP_CONNS = 4
 WARMUP_REQS = 25
@@ -32,12 +36,16 @@ class Settings:
     bulk_bytes: int
     ready_timeout: float
     bulk_timeout: float
+    mesh_wrk_seconds: int  # h1-mesh-mtls (shorter with --quick to keep it < 90 s)
+    mesh_hey_seconds: int
+    handshake_seconds: int
 
 
 @dataclass(frozen=True)
 class Backends:
     nginx_port: int | None
     sink_port: int | None
+    mesh: Mesh | None = None  # PKI and meshlet control plane for h1-mesh-mtls
 
 
 @dataclass
@@ -87,7 +95,7 @@ def _finish(ctx: TrialContext, proxy: Proc) -> None:
 
 
 def _run_loadgen(
-    ctx: TrialContext, name: str, argv: list[str], timeout: float, meter: TreeMeter
+    ctx: TrialContext, name: str, argv: list[str], timeout: float, meter: Meter
 ) -> tuple[str, int, float]:
     """Run a pinned load generator while sampling the proxy; (output, cpu ticks, wall s)."""
     ticks0, wall0 = meter.ticks(), time.monotonic()
@@ -136,8 +144,10 @@ def _warm_up_http(port: int) -> None:
             conn.close()
 
 
-def _saturation(ctx: TrialContext, port: int, meter: TreeMeter) -> None:
-    secs = ctx.settings.wrk_seconds
+def _saturation(
+    ctx: TrialContext, port: int, meter: TreeMeter | PairMeter, secs: int | None = None
+) -> None:
+    secs = secs or ctx.settings.wrk_seconds
     text, ticks, wall = _run_loadgen(ctx, "wrk", wrk_argv(port, secs), secs + 30, meter)
     res = parse_wrk(text)
     if res.requests == 0:
@@ -145,6 +155,7 @@ def _saturation(ctx: TrialContext, port: int, meter: TreeMeter) -> None:
     ctx.trial.figures.update(
         rps=res.rps,
         requests=res.requests,
+        wrk_seconds=res.seconds or wall,
         cpu_us_per_req=ticks_to_us(ticks) / res.requests,
         cpu_util_pct=_util_pct(ticks, res.seconds or wall),
         rss_load_mb=meter.rss_max_kib / 1024,
@@ -153,8 +164,8 @@ def _saturation(ctx: TrialContext, port: int, meter: TreeMeter) -> None:
     )
 
 
-def _fixed_rate(ctx: TrialContext, port: int, meter: TreeMeter) -> None:
-    secs = ctx.settings.hey_seconds
+def _fixed_rate(ctx: TrialContext, port: int, meter: Meter, secs: int | None = None) -> None:
+    secs = secs or ctx.settings.hey_seconds
     text, _, _ = _run_loadgen(ctx, "hey", hey_argv(port, secs), secs + 40, meter)
     res = parse_hey(text)
     ctx.trial.raw["hey_status_counts"] = res.status_counts
@@ -245,7 +256,99 @@ def run_tcp(ctx: TrialContext) -> None:
         _finish(ctx, proxy)
 
 
-RUNNERS: dict[str, Callable[[TrialContext], None]] = {H1: run_h1, TCP: run_tcp}
+# ---- h1-mesh-mtls ------------------------------------------------------------------
+
+
+def _launch_pair(ctx: TrialContext) -> tuple[Pair, Proc, Proc]:
+    """Start B then A (both on the proxy core); both must report ready."""
+    mesh, nginx = ctx.backends.mesh, ctx.backends.nginx_port
+    if mesh is None or nginx is None:
+        raise BenchError("backend for this scenario is not running")
+    system = ctx.trial.system
+    pair = PAIR_BUILDERS[system](nginx, mesh, ctx.trial_dir)
+    for side, spec in (("a", pair.a), ("b", pair.b)):
+        ctx.trial.raw[f"proxy_{side}_argv"] = spec.argv
+        ctx.trial.raw[f"proxy_{side}_env"] = spec.env
+    timeout = ctx.settings.ready_timeout
+    proxy_b = start_proxy(f"{system}-b", pair.b, ctx.trial_dir, timeout)
+    try:
+        proxy_a = start_proxy(f"{system}-a", pair.a, ctx.trial_dir, timeout)
+    except BaseException:
+        _finish_side(ctx, "b", proxy_b)
+        raise
+    return pair, proxy_a, proxy_b
+
+
+def _finish_side(ctx: TrialContext, side: str, proxy: Proc) -> None:
+    ctx.trial.raw[f"proxy_{side}_alive_at_end"] = proxy.alive()
+    ctx.trial.raw[f"proxy_{side}_exit_code"] = proxy.stop()
+    ctx.trial.raw[f"proxy_{side}_log_tail"] = proxy.log_tail(40)
+
+
+def _split(ctx: TrialContext, meter: PairMeter, ticks0: tuple[int, int], key: str) -> None:
+    """Per-proxy CPU µs/request and CPU % over the wrk run (the table shows the sums)."""
+    f = ctx.trial.figures
+    for side, m, t0 in (("a", meter.a, ticks0[0]), ("b", meter.b, ticks0[1])):
+        ticks = m.ticks() - t0
+        f[f"{key}_{side}"] = ticks_to_us(ticks) / f["requests"]
+        f[f"cpu_util_pct_{side}"] = _util_pct(ticks, f["wrk_seconds"])
+        f[f"rss_load_{side}_mb"] = m.rss_max_kib / 1024
+
+
+def _handshakes(ctx: TrialContext, pair: Pair, meter_b: TreeMeter) -> None:
+    """Fresh mutual-TLS 1.3 connections straight to B: handshakes/s and B's CPU each."""
+    mesh = ctx.backends.mesh
+    assert mesh is not None
+    client = mesh.workloads[CLIENT]
+    argv = [sys.executable, "-m", "bench.tlsclient", "--port", str(pair.b.listen_port)]
+    argv += ["--cert", str(client.chain), "--key", str(client.key), "--ca", str(mesh.root)]
+    argv += ["--expect-uri", spiffe_uri(SERVER), "--threads", str(HANDSHAKE_THREADS)]
+    argv += ["--seconds", str(ctx.settings.handshake_seconds)]
+    for proto in pair.handshake_alpn or []:
+        argv += ["--alpn", proto]
+    secs = ctx.settings.handshake_seconds
+    text, ticks, wall = _run_loadgen(ctx, "handshakes", argv, secs + 30, meter_b)
+    result = parse_bulk(text)  # the last JSON line
+    ctx.trial.raw["handshake_result"] = result
+    done = int(result.get("handshakes", 0))
+    if not done:
+        raise BenchError(f"handshake client completed none: {result.get('error_kinds')}")
+    ctx.trial.figures.update(
+        hs_per_s=result["per_s"],
+        hs_count=done,
+        hs_cpu_us=ticks_to_us(ticks) / done,
+        hs_cpu_util_pct=_util_pct(ticks, result["seconds"] or wall),
+        hs_errors=result.get("errors", 0),
+    )
+
+
+def run_mtls(ctx: TrialContext) -> None:
+    pair, proxy_a, proxy_b = _launch_pair(ctx)
+    try:
+        meter = PairMeter(TreeMeter(proxy_a.pid), TreeMeter(proxy_b.pid))
+        _warm_up_http(pair.a.listen_port)
+        ctx.trial.raw["mtls_evidence"] = _verify_mtls(ctx.trial.system, pair)
+        time.sleep(IDLE_SETTLE_S)
+        f = ctx.trial.figures
+        f["rss_idle_a_mb"], f["rss_idle_b_mb"] = meter.a.rss() / 1024, meter.b.rss() / 1024
+        f["rss_idle_mb"] = f["rss_idle_a_mb"] + f["rss_idle_b_mb"]
+        ticks0 = (meter.a.ticks(), meter.b.ticks())
+        _saturation(ctx, pair.a.listen_port, meter, ctx.settings.mesh_wrk_seconds)
+        _split(ctx, meter, ticks0, "cpu_us_per_req")
+        for proxy in (proxy_a, proxy_b):
+            _ensure_alive(proxy, "the wrk run")
+        _fixed_rate(ctx, pair.a.listen_port, meter, ctx.settings.mesh_hey_seconds)
+        for proxy in (proxy_a, proxy_b):
+            _ensure_alive(proxy, "the hey run")
+        _handshakes(ctx, pair, meter.b)
+        _ensure_alive(proxy_b, "the handshake run")
+    finally:
+        ctx.trial.raw["final_counters"] = final_state(ctx.trial.system, pair)
+        _finish_side(ctx, "a", proxy_a)
+        _finish_side(ctx, "b", proxy_b)
+
+
+RUNNERS: dict[str, Callable[[TrialContext], None]] = {H1: run_h1, TCP: run_tcp, MTLS: run_mtls}
 
 
 def run_trial(trial: Trial, settings: Settings, backends: Backends, workdir: Path) -> Trial:

@@ -85,11 +85,11 @@ def envoy_binary() -> str:
     return shutil.which("envoy") or "envoy"
 
 
-def _socket_address(port: int) -> dict[str, object]:
+def socket_address(port: int) -> dict[str, object]:
     return {"socket_address": {"address": LOOPBACK, "port_value": port}}
 
 
-def _envoy_http_filter() -> dict[str, object]:
+def envoy_http_filter() -> dict[str, object]:
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
@@ -132,15 +132,15 @@ def _envoy_tcp_filter() -> dict[str, object]:
 
 
 def envoy_config(mode: Mode, listen: int, admin: int, upstream: int) -> dict[str, object]:
-    net_filter = _envoy_http_filter() if mode == "http" else _envoy_tcp_filter()
-    endpoint = {"endpoint": {"address": _socket_address(upstream)}}
+    net_filter = envoy_http_filter() if mode == "http" else _envoy_tcp_filter()
+    endpoint = {"endpoint": {"address": socket_address(upstream)}}
     return {
-        "admin": {"address": _socket_address(admin)},
+        "admin": {"address": socket_address(admin)},
         "static_resources": {
             "listeners": [
                 {
                     "name": "ingress",
-                    "address": _socket_address(listen),
+                    "address": socket_address(listen),
                     "filter_chains": [{"filters": [net_filter]}],
                 }
             ],

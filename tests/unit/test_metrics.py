@@ -85,7 +85,7 @@ def test_full_render_parses_and_counts() -> None:
     for i, x in enumerate(lat):
         st.requests += 1
         st.response(200 if i % 3 else 503, x)
-    t = m.tcp("outbound", "dst", "no_identity", "10.0.0.1:80")
+    t = m.tcp("outbound", "dst", "no_identity", "spiffe://td/ns/a/sa/b")
     t.opened, t.closed, t.read_bytes, t.write_bytes = 5, 2, 1000, 2000
     m.counter("errors_total", "Errors by reason.", (("reason", "x"),), 3)
     m.counter("errors_total", "Errors by reason.", (("reason", "x"),))
@@ -109,7 +109,7 @@ def test_full_render_parses_and_counts() -> None:
         bound = math.inf if le == "+Inf" else float(le)
         assert v == sum(1 for x in lat if x <= bound), le  # le is "less than or equal"
 
-    tl = {"direction": "outbound", "peer": "dst", "target_addr": "10.0.0.1:80"}
+    tl = {"direction": "outbound", "peer": "dst", "client_id": "spiffe://td/ns/a/sa/b"}
     assert _one(s["tcp_open_total"], **tl) == 5
     assert _one(s["tcp_close_total"], **tl) == 2
     assert _one(s["tcp_open_connections"], **tl) == 3
