@@ -204,7 +204,10 @@ def _envoy_tls(workload: Workload, mesh: Mesh, peer_uri: str | None) -> dict[str
             {"san_type": "URI", "matcher": {"exact": peer_uri}}
         ]
     return {
-        "tls_params": {"tls_minimum_protocol_version": "TLSv1_3"},
+        "tls_params": {
+            "tls_minimum_protocol_version": "TLSv1_3",
+            "tls_maximum_protocol_version": "TLSv1_3",
+        },
         "tls_certificates": [
             {
                 "certificate_chain": {"filename": str(workload.chain)},

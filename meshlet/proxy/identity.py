@@ -12,38 +12,44 @@ Rules:
    logged once per streak and counted. An expired certificate makes the proxy not ready.
 4. `ssl` loads certificates only from files: key and chain live in a private directory
    (mode 0700, on tmpfs when /dev/shm exists) removed at exit.
+5. The key, the CSR and the exchange with the control plane happen in a short-lived child
+   (`meshlet.identity.certify_cmd`), so the proxy never loads `cryptography` (~11 MB).
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import os
 import random
 import shutil
 import ssl
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives import serialization
-
-from meshlet.identity.client import Certified, CertifyError, certify
 from meshlet.identity.spiffe import parse_identity
 
 if TYPE_CHECKING:
     from meshlet.proxy.server import Proxy
 
-__all__ = ["IdentityManager"]
+__all__ = ["IdentityError", "IdentityManager"]
 
 log = logging.getLogger("meshlet.identity")
 
+CERTIFY_TIMEOUT = 30.0
 RENEW_AT = 0.70
 JITTER = 0.05
 BACKOFF_MIN = 1.0
 BACKOFF_MAX = 60.0
+
+
+class IdentityError(Exception):
+    """A certificate request failed; the message says why."""
 
 
 class IdentityManager:
@@ -53,11 +59,12 @@ class IdentityManager:
         self.proxy = proxy
         self.identity = parse_identity(cfg.identity)
         self.control = cfg.control_addr
-        self.anchors = Path(cfg.trust_anchors).read_bytes()
+        self.anchors_path = Path(cfg.trust_anchors)
+        self.anchors = self.anchors_path.read_bytes()
         self.token_file = Path(cfg.join_token_file)
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self.dir = Path(tempfile.mkdtemp(prefix="meshlet-identity-", dir=shm))
-        self.cert: Certified | None = None
+        self.have_cert = False
         self.not_after = 0.0  # unix time
         self.not_before = 0.0
         self.last_error: str | None = None
@@ -73,7 +80,7 @@ class IdentityManager:
                 lambda: [((), 1.0 if self.valid() else 0.0)])
 
     def valid(self) -> bool:
-        return self.cert is not None and time.time() < self.not_after
+        return self.have_cert and time.time() < self.not_after
 
     def start(self) -> None:
         self._task = self.proxy.loop.create_task(self._run())
@@ -89,7 +96,7 @@ class IdentityManager:
             "control_plane": str(self.control),
             "valid": self.valid(),
             "not_after": dt.datetime.fromtimestamp(self.not_after, dt.UTC).isoformat()
-            if self.cert else None,
+            if self.have_cert else None,
             "last_error": self.last_error,
         }
 
@@ -100,7 +107,7 @@ class IdentityManager:
         while True:
             try:
                 await self._refresh()
-            except (CertifyError, OSError, ValueError) as e:
+            except (IdentityError, OSError, ValueError) as e:
                 self.failures += 1
                 self.proxy.metrics.counter(
                     "identity_cert_refresh_total", "Certificate requests, by result.",
@@ -123,38 +130,34 @@ class IdentityManager:
             await asyncio.sleep(max(1.0, renew_at - time.time()))
 
     async def _refresh(self) -> None:
-        host, port = self.control.host, self.control.port
-        if self.cert is not None and self.valid():
-            got = await certify(host, port, self.anchors, self.identity, None,
-                                self.client_context())
-        else:
-            token = self.token_file.read_text().strip()
-            got = await certify(host, port, self.anchors, self.identity, token)
-        self._install(got)
-        self.proxy.metrics.counter("identity_cert_refresh_total",
-                                   "Certificate requests, by result.", (("result", "ok"),))
-        log.info("certificate for %s valid until %s", self.identity, got.not_after)
-
-    def _install(self, got: Certified) -> None:
-        from meshlet.identity.ca import parse_chain
-
-        leaf = parse_chain(got.chain_pem)[0]
-        key_pem = got.key.private_bytes(serialization.Encoding.PEM,
-                                        serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption())
-        # Write-then-rename so a reader never sees half a file.
-        for name, data in (("key.pem", key_pem), ("chain.pem", got.chain_pem),
-                           ("bundle.pem", got.bundle_pem)):
-            tmp = self.dir / (name + ".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self.dir / name)
-        self.cert = got
+        argv = [sys.executable, "-m", "meshlet.identity.certify_cmd",
+                "--control", str(self.control), "--anchors", str(self.anchors_path),
+                "--identity", self.identity.uri, "--dir", str(self.dir)]
+        argv += ["--renew"] if self.valid() else ["--token-file", str(self.token_file)]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), CERTIFY_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise IdentityError("certificate request timed out") from None
+        try:
+            info = json.loads(out)
+        except ValueError:
+            info = {"error": err.decode(errors="replace").strip()[-300:] or "no answer"}
+        if proc.returncode != 0 or "error" in info:
+            raise IdentityError(str(info.get("error")))
+        self.have_cert = True
         for ctx in (*self._clients.values(), *([self._server] if self._server else [])):
             ctx.load_cert_chain(self.dir / "chain.pem", self.dir / "key.pem")
-        self.not_before = leaf.not_valid_before_utc.timestamp()
-        self.not_after = leaf.not_valid_after_utc.timestamp()
+        self.not_before = float(info["not_before"])
+        self.not_after = float(info["not_after"])
+        self.proxy.metrics.counter("identity_cert_refresh_total",
+                                   "Certificate requests, by result.", (("result", "ok"),))
+        log.info("certificate for %s valid until %s", self.identity,
+                 dt.datetime.fromtimestamp(self.not_after, dt.UTC).isoformat())
 
     def client_context(self, alpn: str | None = None) -> ssl.SSLContext:
         """A TLS 1.3 client context presenting the current certificate. Contexts with an
