@@ -32,6 +32,7 @@ class ListenerCtx:
         "direction",
         "fixed",
         "loop",
+        "meshed",
         "metrics",
         "pool",
         "proxy",
@@ -68,6 +69,8 @@ class ListenerCtx:
         self.by_host: dict[bytes, HttpStats] = {}
         self.client_id = ""
         self._clients: dict[str, ListenerCtx] = {}
+        # Outbound on a meshed proxy: the context counting mTLS connections to peers.
+        self.meshed: ListenerCtx | None = None
 
     def set_tls(self, label: str, client_id: str = "") -> None:
         """The `tls` label of this context's connections ("true", or why not), and for

@@ -210,7 +210,10 @@ class H1Downstream(asyncio.Protocol):
             return
         self.req = req
         self.started = ctx.loop.time()
-        st = ctx.by_host.get(req.host) or ctx.http_stats(req.host)
+        ep = ctx.fixed or ctx.target.pick()
+        # Outbound to a meshed endpoint: the metrics say tls="true" (mtls.open_upstream).
+        sctx = ctx.meshed if (ep is not None and ep.identity and ctx.meshed) else ctx
+        st = sctx.by_host.get(req.host) or sctx.http_stats(req.host)
         self.stats = st
         st.requests += 1
         rest = self.buf
@@ -218,7 +221,6 @@ class H1Downstream(asyncio.Protocol):
         self.buf = b""
         self.resp_started = False
         self.retried = False
-        ep = ctx.fixed or ctx.target.pick()
         if ep is None:
             self._respond_error(503, "no_endpoints")
             return
@@ -379,7 +381,8 @@ class H1Downstream(asyncio.Protocol):
         up: H1Upstream | None = None
         for attempt in range(attempts):
             try:
-                _t, up = await open_upstream(ctx, ep, partial(H1Upstream, ctx, ep), ALPN_H1)
+                uctx = ctx.meshed if (ep.identity and ctx.meshed) else ctx
+                _t, up = await open_upstream(ctx, ep, partial(H1Upstream, uctx, ep), ALPN_H1)
                 break
             except TimeoutError:
                 status, reason = 504, "connect_timeout"

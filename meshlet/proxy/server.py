@@ -116,8 +116,12 @@ class Proxy:
             bal.update(self.endpoint_sets.get(b.service), cfg.opaque_ports)
             bal.opaque = bal.opaque or b.opaque
             self.balancers[b.service] = bal
-            await self._listen(b.listen, ListenerCtx(self, "outbound", bal, b.service,
-                                                     strip_mesh=False), b.service)
+            octx = ListenerCtx(self, "outbound", bal, b.service, strip_mesh=False)
+            if self.identity is not None:
+                octx.set_tls("no_identity")  # to endpoints discovery names no identity for
+                octx.meshed = ListenerCtx(self, "outbound", bal, b.service, strip_mesh=False)
+                octx.meshed.set_tls("true")
+            await self._listen(b.listen, octx, b.service)
         if cfg.endpoints_file:
             self.loop.create_task(self._watch_file(cfg.endpoints_file))
         from meshlet.proxy.admin import start_admin

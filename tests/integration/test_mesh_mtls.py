@@ -57,6 +57,9 @@ def test_mtls_between_proxies(control: Control, backend: HttpBackend, tmp_path: 
             assert ids == [CLIENT]  # verified identity only; the forged one was stripped
             r2 = http_request(port, path="/anything")  # pooled mTLS connection reused
             assert r2.status == 200
+            # The client side's golden metrics say the requests went over mTLS.
+            assert metric(a.metrics(), "request_total", direction="outbound",
+                          tls="true") == 2
             m = b.metrics()
             assert metric(m, "inbound_authz_allow_total", client_id=CLIENT) >= 1
             # Both requests rode one pooled mTLS connection; the golden metrics say TLS
