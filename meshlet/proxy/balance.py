@@ -10,6 +10,7 @@ Rules:
 
 from __future__ import annotations
 
+import abc
 import random
 from bisect import bisect_right
 from itertools import accumulate
@@ -19,7 +20,7 @@ from meshlet.api.endpoints import Endpoint, EndpointSet
 __all__ = ["Balancer", "Fixed", "Target"]
 
 
-class Target:
+class Target(abc.ABC):
     """Base: something that picks an endpoint."""
 
     __slots__ = ("name", "opaque")
@@ -28,11 +29,14 @@ class Target:
         self.name = name
         self.opaque = opaque
 
+    @abc.abstractmethod
     def pick(self, exclude: Endpoint | None = None) -> Endpoint | None:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """An endpoint for the next connection or request (never `exclude` if another
+        is available), or None when there is none."""
 
+    @abc.abstractmethod
     def endpoints(self) -> tuple[Endpoint, ...]:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """All current endpoints, drained ones included."""
 
 
 class Fixed(Target):
