@@ -291,3 +291,50 @@ def test_certificate_rotation_under_load(backend: HttpBackend, tmp_path: Path) -
                               peer="src", tls="true") >= 2
     finally:
         next(gen, None)
+
+
+def test_openssl_s_client_sees_tls13_only_and_a_required_client_cert(
+    control: Control, backend: HttpBackend, tmp_path: Path
+) -> None:
+    """The scan an operator would run (sslscan/testssl.sh drive `openssl s_client`; they
+    send no ALPN, so their TLS goes to the app by design). With the mesh ALPN:
+    TLS 1.2 is refused; TLS 1.3 needs a client certificate from the mesh."""
+    import subprocess
+
+    with ProxyProcess(app=backend.port, ready_timeout=15,
+                      env=_env(control, tmp_path / "b", "web")) as b:
+        target = f"127.0.0.1:{b.inbound_port}"
+        anchors = tmp_path / "b" / "anchors.pem"
+
+        def s_client(*args: str) -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run(
+                ["openssl", "s_client", "-connect", target, "-alpn", "meshlet/h1",
+                 "-CAfile", str(anchors), *args],
+                input=b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+                capture_output=True,
+                timeout=30)
+
+        tls12 = s_client("-tls1_2")
+        assert b"Cipher is (NONE)" in tls12.stdout or tls12.returncode != 0
+        assert b"HTTP/1.1" not in tls12.stdout
+        for v in ("-ssl3", "-tls1", "-tls1_1"):
+            old = s_client(v)
+            assert b"HTTP/1.1" not in old.stdout, v
+        no_cert = s_client("-tls1_3")
+        out = no_cert.stdout + no_cert.stderr
+        assert b"TLSv1.3" in out  # the handshake is TLS 1.3 ...
+        assert b"HTTP/1.1 200" not in out  # ... and nothing is served without a cert
+        # The same client with a mesh certificate is served: the refusal above was the
+        # missing client certificate, nothing else.
+        from meshlet.identity.ca import CertificateAuthority, bundle_pem, make_csr, new_key
+        from meshlet.identity.spiffe import Identity
+
+        ca = CertificateAuthority.load(TD, control.state / "ca")
+        key = new_key()
+        ident = Identity(TD, "default", "client")
+        (tmp_path / "c.pem").write_bytes(bundle_pem(ca.sign_csr(make_csr(key, ident), ident)))
+        (tmp_path / "k.pem").write_bytes(_key_pem(key))
+        with_cert = s_client("-tls1_3", "-cert", str(tmp_path / "c.pem"), "-cert_chain",
+                             str(tmp_path / "c.pem"),
+                             "-key", str(tmp_path / "k.pem"), "-ign_eof")
+        assert b"HTTP/1.1 200" in with_cert.stdout, with_cert.stdout[-500:]
