@@ -72,6 +72,17 @@ class ListenerCtx:
         # Outbound on a meshed proxy: the context counting mTLS connections to peers.
         self.meshed: ListenerCtx | None = None
 
+    def count_refused(self) -> None:
+        """A connection closed at accept: a limit was reached, or shutting down."""
+        self.metrics.counter("tcp_refused_total", "Connections closed at accept because a "
+                             "limit was reached or the proxy is shutting down.",
+                             (("direction", self.direction),))
+
+    def count_detect_timeout(self) -> None:
+        self.metrics.counter("protocol_detect_timeout_total", "Connections that sent too "
+                             "little to detect a protocol in time and were proxied as "
+                             "opaque TCP.", (("direction", self.direction),))
+
     def set_tls(self, label: str, client_id: str = "") -> None:
         """The `tls` label of this context's connections ("true", or why not), and for
         mTLS the client's identity (`client_id` label)."""

@@ -78,7 +78,6 @@ T_STREAM = 4  # body or tunnel: fires only after an idle period with no progress
 class H1Downstream(asyncio.Protocol):
     __slots__ = (
         "_deadline",
-        "_progress",
         "_seen_progress",
         "_timer",
         "_tkind",
@@ -90,6 +89,7 @@ class H1Downstream(asyncio.Protocol):
         "draining",
         "ep",
         "paused",
+        "progress",
         "req",
         "req_bytes",
         "resp_latency_ms",
@@ -125,7 +125,7 @@ class H1Downstream(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._tkind = T_NONE
-        self._progress = 0
+        self.progress = 0
         self._seen_progress = -1
 
     # --- asyncio.Protocol ------------------------------------------------------------
@@ -146,7 +146,7 @@ class H1Downstream(asyncio.Protocol):
                 self.buf = data
             self._on_head_data()
         elif st == S_BODY:
-            self._progress += 1
+            self.progress += 1
             self._send_body(data)
         elif st in (S_WAIT, S_CONNECT):
             self.buf += data
@@ -238,7 +238,7 @@ class H1Downstream(asyncio.Protocol):
             self.req_bytes = head
             self.body_left = 0
             self._arm(T_RESPONSE, cfg.response_timeout, self.started)
-            idle = ctx.pool._idle.get(ep.key)
+            idle = ctx.pool.idle.get(ep.key)
             if idle:
                 up = idle.pop()
                 self.up = up
@@ -522,9 +522,6 @@ class H1Downstream(asyncio.Protocol):
         else:
             self._respond_error(status, reason)
 
-    def progress(self) -> None:
-        self._progress += 1
-
     # --- errors, pausing, timers ------------------------------------------------------
 
     def _reject(self, status: int, reason: str) -> None:
@@ -553,18 +550,20 @@ class H1Downstream(asyncio.Protocol):
         self.transport.close()
 
     def _abort_exchange(self, status: int, reason: str) -> None:
+        """A malformed request body: with a response under way, the only answer left
+        is to cut the connection."""
+        if not self.resp_started:
+            self._reject(status, reason)
+            return
         self.ctx.metrics.counter(
             "http_request_errors_total", "Requests refused as malformed, by reason.",
             (("direction", self.ctx.direction), ("reason", reason)),
         )
-        if self.resp_started:
-            up = self.up
-            if up is not None:
-                up.abandon()
-            self.state = S_CLOSED
-            self.transport.abort()
-        else:
-            self._respond_error(status, reason)
+        up = self.up
+        if up is not None:
+            up.abandon()
+        self.state = S_CLOSED
+        self.transport.abort()
 
     def _pause(self, why: int) -> None:
         if not self.paused:
@@ -588,7 +587,7 @@ class H1Downstream(asyncio.Protocol):
         when = (now or loop.time()) + delay
         self._tkind = kind
         self._deadline = when
-        self._seen_progress = self._progress
+        self._seen_progress = self.progress
         t = self._timer
         if t is None:
             self._timer = loop.call_at(when, self._on_timer)
@@ -603,8 +602,8 @@ class H1Downstream(asyncio.Protocol):
             return
         loop = self.ctx.loop
         now = loop.time()
-        if kind == T_STREAM and self._progress != self._seen_progress:
-            self._seen_progress = self._progress
+        if kind == T_STREAM and self.progress != self._seen_progress:
+            self._seen_progress = self.progress
             self._deadline = now + self.ctx.cfg.idle_timeout
         if now < self._deadline:
             self._timer = loop.call_at(self._deadline, self._on_timer)
@@ -734,7 +733,7 @@ class H1Upstream(asyncio.Protocol):
             return
         self.got_bytes = True
         if st == self.U_BODY:
-            down._progress += 1
+            down.progress += 1
             self._body(data, 0, down)
             return
         if self.buf:
@@ -763,6 +762,7 @@ class H1Upstream(asyncio.Protocol):
         self._heads(data, down, resp)
 
     def _refuse(self, down: H1Downstream, e: LocalProtocolError) -> None:
+        """A malformed response (head or body): counted, and the client gets a 502."""
         ctx = self.ctx
         self.abandon()
         ctx.metrics.counter(
@@ -770,7 +770,7 @@ class H1Upstream(asyncio.Protocol):
             "Upstream responses refused as malformed, by reason.",
             (("direction", ctx.direction), ("reason", e.reason)),
         )
-        down.upstream_error(e.status, e.reason)
+        down.upstream_error(502, e.reason)
 
     def _heads(self, buf: bytes, down: H1Downstream, parsed: ResponseHead | None = None) -> None:
         self.buf = b""
@@ -843,13 +843,7 @@ class H1Upstream(asyncio.Protocol):
                     # Nothing sent yet: the client gets a 502 instead of this response.
                     down.resp_started = False
                     down.retract_response(self.head)
-                self.abandon()
-                self.ctx.metrics.counter(
-                    "http_response_errors_total",
-                    "Upstream responses refused as malformed, by reason.",
-                    (("direction", self.ctx.direction), ("reason", e.reason)),
-                )
-                down.upstream_error(502, e.reason)
+                self._refuse(down, e)
                 return
             done = self._framer.done
         elif self.body_left >= 0:

@@ -38,9 +38,7 @@ class Accepted(asyncio.Protocol):
         ctx = self.ctx
         proxy = ctx.proxy
         if not proxy.conn_opened():
-            ctx.metrics.counter("tcp_refused_total", "Connections closed at accept because "
-                                "a limit was reached or the proxy is shutting down.",
-                                (("direction", ctx.direction),))
+            ctx.count_refused()
             t.abort()
             return
         ctx.tcp_src.opened += 1
@@ -77,10 +75,7 @@ class Accepted(asyncio.Protocol):
 
     def _timeout(self) -> None:
         self.timer = None
-        ctx = self.ctx
-        ctx.metrics.counter("protocol_detect_timeout_total",
-                            "Connections that sent too little to detect a protocol in time "
-                            "and were proxied as opaque TCP.", (("direction", ctx.direction),))
+        self.ctx.count_detect_timeout()
         self._hand_off(Proto.OPAQUE, self.buf)
 
     def eof_received(self) -> bool | None:

@@ -140,9 +140,7 @@ class PeekingListener:
                 log.warning("accept failed: %s", e)
                 return
             if proxy.draining or proxy.n_conns + self.pending >= proxy.cfg.max_connections:
-                self.plain.metrics.counter(
-                    "tcp_refused_total", "Connections closed at accept because a limit was "
-                    "reached or the proxy is shutting down.", (("direction", "inbound"),))
+                self.plain.count_refused()
                 conn.close()
                 continue
             conn.setblocking(False)
@@ -172,18 +170,14 @@ class _Pending:
             self.done = True
             self.lst.pending -= 1
             self.lst.loop.remove_reader(self.conn.fileno())
-            timer = getattr(self, "timer", None)
-            if timer is not None:
-                timer.cancel()
+            self.timer.cancel()
 
     def _drop(self) -> None:
         self._finish()
         self.conn.close()
 
     def _timeout(self) -> None:
-        self.lst.plain.metrics.counter(
-            "protocol_detect_timeout_total", "Connections that sent too little to detect a "
-            "protocol in time and were proxied as opaque TCP.", (("direction", "inbound"),))
+        self.lst.plain.count_detect_timeout()
         self._decide(None, b"")
 
     def _peek(self) -> None:

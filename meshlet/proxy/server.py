@@ -131,7 +131,7 @@ class Proxy:
         # pauses on the data path stay short.
         gc.collect()
         gc.freeze()
-        _trim_heap()
+        _tune_malloc()
         self.ready = True
         if self.identity is None:
             log.info("meshlet proxy up: standalone, plaintext (no control plane); admin on "
@@ -260,7 +260,7 @@ def bind(addr: Addr, backlog: int = 1024) -> socket.socket:
     return sock
 
 
-def _trim_heap() -> None:
+def _tune_malloc() -> None:
     """Tune glibc malloc for the data path, and give start-up memory back.
 
     TLS reads allocate a 256 KiB buffer, then shrink it to what was read: above glibc's
