@@ -82,6 +82,7 @@ class ProxyConfig:
     identity: str | None
     join_token_file: str | None
     inbound_policy: str
+    outbound_proxy_listen: Addr | None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -232,6 +233,9 @@ _SETTINGS: dict[str, tuple[Callable[[str], Any], str, str]] = {
     "join_token_file": (_optional_str, "", "file holding the join token for the identity"),
     "inbound_policy": (_policy, "all-unauthenticated",
                        "inbound default: all-unauthenticated, all-authenticated or deny"),
+    "outbound_proxy_listen": (_optional_addr, "",
+                              "outbound HTTP proxy listener (apps set HTTP_PROXY to it and "
+                              "call services by name); needs a control plane"),
 }
 
 # Variable names, where they differ from the field name.
@@ -239,6 +243,7 @@ _ENV_NAMES = {
     "inbound_listen": "MESHLET_INBOUND_LISTEN_ADDR",
     "admin_listen": "MESHLET_ADMIN_LISTEN_ADDR",
     "outbound": "MESHLET_OUTBOUND_LISTENERS",
+    "outbound_proxy_listen": "MESHLET_OUTBOUND_PROXY_LISTEN_ADDR",
 }
 
 
@@ -295,17 +300,24 @@ def parse_proxy_config(
     if not errors:
         if values["inbound_listen"] is not None and values["app_addr"] is None:
             values["inbound_listen"] = None  # no app to forward to: no inbound listener
-        if values["outbound"] and not values["endpoints_file"]:
+        if values["outbound"] and not values["endpoints_file"] \
+                and values["control_addr"] is None:
             errors.append(
                 f"{env_name('endpoints_file')}: required when "
-                f"{env_name('outbound')} is set"
+                f"{env_name('outbound')} is set without {env_name('control_addr')}"
             )
+        if values["outbound_proxy_listen"] is not None and (
+                values["control_addr"] is None or values["endpoints_file"]):
+            errors.append(f"{env_name('outbound_proxy_listen')}: needs "
+                          f"{env_name('control_addr')} (discovery), and no "
+                          f"{env_name('endpoints_file')}")
         if values["control_addr"] is not None:
             for field in ("trust_anchors", "identity", "join_token_file"):
                 if values[field] is None:
                     errors.append(f"{env_name(field)}: required when "
                                   f"{env_name('control_addr')} is set")
-        if values["inbound_listen"] is None and not values["outbound"]:
+        if values["inbound_listen"] is None and not values["outbound"] \
+                and values["outbound_proxy_listen"] is None:
             errors.append(
                 f"{env_name('app_addr')}: nothing to proxy: set it (inbound) or "
                 f"{env_name('outbound')} (outbound)"
@@ -326,6 +338,7 @@ class ControlConfig:
     cert_lifetime: float  # seconds
     server_names: tuple[str, ...]
     log_level: str
+    mesh_file: str | None
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: str(getattr(self, f.name)) if isinstance(getattr(self, f.name), Addr)
@@ -365,6 +378,8 @@ _CONTROL_SETTINGS: dict[str, tuple[Callable[[str], Any], str, str]] = {
     "server_names": (_names, "localhost,127.0.0.1",
                      "DNS names and IPs in the control plane's own certificate"),
     "log_level": (_log_level, "info", "debug, info, warning or error"),
+    "mesh_file": (_optional_str, "", "the mesh file (YAML): services, workloads, policies; "
+                  "watched for edits"),
 }
 _CONTROL_ENV_NAMES = {
     "listen": "MESHLET_CONTROL_LISTEN_ADDR",
@@ -373,6 +388,7 @@ _CONTROL_ENV_NAMES = {
     "cert_lifetime": "MESHLET_CERT_LIFETIME",
     "server_names": "MESHLET_CONTROL_SERVER_NAMES",
     "log_level": "MESHLET_LOG_LEVEL",
+    "mesh_file": "MESHLET_MESH_FILE",
 }
 
 

@@ -8,9 +8,11 @@ produce it; the JSON form (`to_json`) is what travels.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Any
 
-__all__ = ["API_VERSION", "Endpoint", "EndpointSet", "EndpointsFileError"]
+__all__ = ["API_VERSION", "Endpoint", "EndpointSet", "EndpointsFileError", "content_version"]
 
 API_VERSION = "meshlet.dev/v1"
 
@@ -37,11 +39,18 @@ class Endpoint:
             d["identity"] = self.identity
         return d
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Endpoint:
+        host, _, port = str(d["addr"]).rpartition(":")
+        ident = d.get("identity")
+        return cls(host.strip("[]"), int(port), int(d.get("weight", 1)),
+                   str(ident) if ident else None)
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class EndpointSet:
     service: str  # "name:port"
-    version: int
+    version: str  # opaque; equal versions mean equal content (`content_version`)
     endpoints: tuple[Endpoint, ...]
     opaque: bool = False  # protocol hint: skip detection, proxy raw TCP
 
@@ -54,6 +63,25 @@ class EndpointSet:
             "opaque": self.opaque,
             "endpoints": [e.to_json() for e in self.endpoints],
         }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> EndpointSet:
+        return cls(str(d["service"]), str(d["version"]),
+                   tuple(Endpoint.from_json(e) for e in d["endpoints"]),
+                   bool(d.get("opaque", False)))
+
+    @classmethod
+    def make(cls, service: str, endpoints: tuple[Endpoint, ...], opaque: bool) -> EndpointSet:
+        """A set whose version is the hash of its content."""
+        return cls(service, content_version(
+            [service, opaque, [e.to_json() for e in endpoints]]), endpoints, opaque)
+
+
+def content_version(obj: Any) -> str:
+    """A version that depends only on content: a restarted control plane with the same
+    mesh gives the same versions, so resuming proxies are told "unchanged"."""
+    raw = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(raw).hexdigest()[:16]
 
 
 class EndpointsFileError(Exception):

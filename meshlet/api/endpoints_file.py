@@ -13,10 +13,11 @@ import yaml
 
 from meshlet.api.endpoints import Endpoint, EndpointSet, EndpointsFileError
 
-__all__ = ["EndpointsFileError", "load_endpoints_file", "parse_endpoints_yaml"]
+__all__ = ["Checker", "EndpointsFileError", "compose", "load_endpoints_file",
+           "parse_endpoints_yaml", "split_addr"]
 
 
-class _Checker:
+class Checker:
     """Walks composed YAML nodes so every error can name its line."""
 
     def __init__(self, path: str) -> None:
@@ -70,7 +71,7 @@ class _Checker:
         return n
 
 
-def _split_addr(text: str) -> tuple[str, int] | None:
+def split_addr(text: str) -> tuple[str, int] | None:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not host:
         return None
@@ -84,15 +85,21 @@ def _split_addr(text: str) -> tuple[str, int] | None:
     return (host, p) if 0 < p < 65536 else None
 
 
-def parse_endpoints_yaml(text: str, path: str = "<endpoints>") -> dict[str, EndpointSet]:
-    """Parse the static endpoints file; returns sets keyed by "name:port"."""
-    c = _Checker(path)
+def compose(text: str, path: str) -> yaml.Node | None:
+    """The YAML node tree (libyaml when available), or EndpointsFileError naming the line."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        return yaml.compose(text, Loader=loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1
         raise EndpointsFileError([f"{path}:{line}: (yaml): {getattr(e, 'problem', e)}"]) from None
+
+
+def parse_endpoints_yaml(text: str, path: str = "<endpoints>") -> dict[str, EndpointSet]:
+    """Parse the static endpoints file; returns sets keyed by "name:port"."""
+    c = Checker(path)
+    root = compose(text, path)
     out: dict[str, EndpointSet] = {}
     if root is None:
         return out
@@ -114,7 +121,7 @@ def parse_endpoints_yaml(text: str, path: str = "<endpoints>") -> dict[str, Endp
     return out
 
 
-def _service(c: _Checker, node: yaml.Node, field: str) -> EndpointSet | None:
+def _service(c: Checker, node: yaml.Node, field: str) -> EndpointSet | None:
     m = c.mapping(node, field)
     if m is None:
         return None
@@ -140,10 +147,10 @@ def _service(c: _Checker, node: yaml.Node, field: str) -> EndpointSet | None:
                 eps.append(e)
     if len(c.errors) != n_before or name is None or port is None:
         return None
-    return EndpointSet(f"{name}:{port}", 1, tuple(eps), opaque=proto == "opaque")
+    return EndpointSet.make(f"{name}:{port}", tuple(eps), proto == "opaque")
 
 
-def _endpoint(c: _Checker, node: yaml.Node, field: str) -> Endpoint | None:
+def _endpoint(c: Checker, node: yaml.Node, field: str) -> Endpoint | None:
     m = c.mapping(node, field)
     if m is None:
         return None
@@ -152,7 +159,7 @@ def _endpoint(c: _Checker, node: yaml.Node, field: str) -> Endpoint | None:
     if addr is None:
         c.err(node, f"{field}.addr", "required")
         return None
-    hp = _split_addr(addr)
+    hp = split_addr(addr)
     if hp is None:
         c.err(m["addr"], f"{field}.addr", f"invalid address {addr!r} (use HOST:PORT)")
         return None

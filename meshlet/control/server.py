@@ -1,4 +1,4 @@
-"""`meshlet control`: the control plane's HTTPS server. This increment serves identity.
+"""`meshlet control`: the control plane's HTTPS server: identity, discovery and policy.
 
 Rules:
 1. TLS 1.3 only. The server's own certificate comes from the mesh CA, with the control
@@ -10,6 +10,12 @@ Rules:
 4. Requests are parsed by the proxy's strict HTTP/1 core; bodies are bounded
    (`MAX_BODY`) and every connection has a read timeout.
 5. State (CA files, token secret) lives in `state_dir`, created on first start.
+6. Discovery and policy (`GET /v1/watch/endpoints?name=HOST:PORT&version=V`,
+   `GET /v1/watch/policy?version=V`) need the caller's mesh certificate; the answer is a
+   chunked stream of newline-delimited JSON events (`meshlet.api.events`), with a
+   heartbeat every `HEARTBEAT` seconds.
+7. The mesh file is polled for edits; a bad edit is refused (every problem logged as
+   `file:line: field: reason`, shown on /v1/status) and the last good mesh stays.
 """
 
 from __future__ import annotations
@@ -26,7 +32,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
+from meshlet.api.events import HEARTBEAT as HEARTBEAT_LINE
+from meshlet.api.events import RESOURCE_ENDPOINTS, RESOURCE_POLICY
+from meshlet.api.mesh import Mesh, MeshFileError, load_mesh_file
 from meshlet.config import ControlConfig
+from meshlet.control.discovery import Discovery, Subscriber
 from meshlet.identity.ca import CertificateAuthority, CsrRefused, bundle_pem
 from meshlet.identity.spiffe import Identity, parse_identity
 from meshlet.identity.tokens import TokenError, new_secret, verify_token
@@ -38,6 +48,9 @@ log = logging.getLogger("meshlet.control")
 
 MAX_BODY = 64 * 1024
 READ_TIMEOUT = 10.0
+HEARTBEAT = 10.0
+FILE_POLL = 0.2
+MAX_WATCHES = 100_000
 CONTROL_IDENTITY = ("meshlet", "control")  # namespace, account of the control plane
 
 
@@ -63,6 +76,50 @@ class ControlPlane:
         self.lifetime = dt.timedelta(seconds=cfg.cert_lifetime)
         self.issued = 0
         self.refused = 0
+        self.mesh_error: list[str] | None = None
+        self.mesh_stamp: tuple[int, int, int] | None = None
+        self.mesh_loaded_at = 0.0
+        self.discovery = Discovery(self._initial_mesh(), cfg.trust_domain)
+        self.watches: set[_Conn] = set()
+
+    def _initial_mesh(self) -> Mesh:
+        if not self.cfg.mesh_file:
+            return Mesh.build(None, ())
+        self.mesh_stamp = _stamp(self.cfg.mesh_file)
+        return load_mesh_file(self.cfg.mesh_file)  # errors stop the start-up
+
+    def reload_mesh(self) -> bool:
+        """Re-read the mesh file if it changed; True if a new mesh was applied."""
+        path = self.cfg.mesh_file
+        if not path:
+            return False
+        stamp = _stamp(path)
+        if stamp is None or stamp == self.mesh_stamp:
+            return False
+        self.mesh_stamp = stamp
+        try:
+            mesh = load_mesh_file(path)
+        except MeshFileError as e:
+            self.mesh_error = e.errors
+            log.error("mesh file edit refused; the last good mesh stays in force:\n%s", e)
+            return False
+        self.mesh_error = None
+        import time
+
+        t0 = time.perf_counter()
+        sent = self.discovery.set_mesh(mesh)
+        log.info("mesh file reloaded: %d service(s); %d update(s) pushed in %.1f ms",
+                 len(mesh.services), sent, (time.perf_counter() - t0) * 1000)
+        return True
+
+    def heartbeat(self) -> None:
+        for c in list(self.watches):
+            c.heartbeat()
+
+    def status(self) -> dict[str, Any]:
+        return {"trust_domain": self.cfg.trust_domain, "mesh_file": self.cfg.mesh_file,
+                "mesh_error": self.mesh_error, "issued": self.issued,
+                "refused": self.refused, "pid": os.getpid(), **self.discovery.status()}
 
     def server_ssl(self) -> ssl.SSLContext:
         import ipaddress
@@ -97,6 +154,8 @@ class ControlPlane:
                ) -> tuple[int, dict[str, Any]]:
         if path == b"/live" or path == b"/ready":
             return 200, {"status": "ok"}
+        if path == b"/v1/status":
+            return 200, self.status()
         if path != b"/v1/certify":
             return 404, {"error": "not found"}
         if method != b"POST":
@@ -138,12 +197,28 @@ class ControlPlane:
         }
 
 
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _query(target: bytes) -> dict[str, str]:
+    from urllib.parse import parse_qsl
+
+    _, _, q = target.partition(b"?")
+    return dict(parse_qsl(q.decode("latin-1")))
+
+
 class _Conn(asyncio.Protocol):
     def __init__(self, cp: ControlPlane) -> None:
         self.cp = cp
         self.buf = b""
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.timer: asyncio.TimerHandle | None = None
+        self.sub: Subscriber | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -152,8 +227,14 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        if self.sub is not None:
+            self.cp.discovery.unsubscribe(self.sub)
+            self.cp.watches.discard(self)
+            self.sub = None
 
     def data_received(self, data: bytes) -> None:
+        if self.sub is not None:
+            return  # a watch: nothing more is read
         self.buf += data
         try:
             req = parse_request(self.buf, 16384, 8192)
@@ -175,8 +256,55 @@ class _Conn(asyncio.Protocol):
         if peer:
             uris = [v for k, v in peer.get("subjectAltName", ()) if k == "URI"]
             uri = uris[0] if len(uris) == 1 else None
-        status, out = self.cp.handle(req.method, req.target.split(b"?", 1)[0], body, uri)
+        path = req.target.split(b"?", 1)[0]
+        if path.startswith(b"/v1/watch/"):
+            self._watch(req.method, path, _query(req.target), uri)
+            return
+        status, out = self.cp.handle(req.method, path, body, uri)
         self._reply(status, out, close=req.close)
+
+    def _watch(self, method: bytes, path: bytes, q: dict[str, str], uri: str | None) -> None:
+        if method != b"GET":
+            self._reply(405, {"error": "use GET"}, close=True)
+            return
+        if uri is None:
+            self._reply(401, {"error": "watches need a mesh client certificate"}, close=True)
+            return
+        if len(self.cp.watches) >= MAX_WATCHES:
+            self._reply(503, {"error": "too many watches"}, close=True)
+            return
+        if path == b"/v1/watch/endpoints":
+            name = q.get("name", "")
+            host, _, port = name.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536 or len(name) > 300:
+                self._reply(400, {"error": "name must be HOST:PORT"}, close=True)
+                return
+            key = (RESOURCE_ENDPOINTS, name.lower())
+        elif path == b"/v1/watch/policy":
+            key = (RESOURCE_POLICY, uri)
+        else:
+            self._reply(404, {"error": "not found"}, close=True)
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        t = self.transport
+        t.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n"
+                b"transfer-encoding: chunked\r\ncache-control: no-store\r\n\r\n")
+
+        def send(line: bytes) -> bool:
+            if t.is_closing():
+                return True
+            t.write(b"%x\r\n%s\r\n" % (len(line), line))
+            return t.get_write_buffer_size() < (1 << 20)
+
+        self.sub = Subscriber(key, q.get("version", ""), send, t.close)
+        self.cp.watches.add(self)
+        self.cp.discovery.subscribe(self.sub)
+
+    def heartbeat(self) -> None:
+        if self.sub is not None and not self.sub.send(HEARTBEAT_LINE):
+            self.transport.close()
 
     def _reply(self, status: int, payload: dict[str, Any], close: bool) -> None:
         body = json.dumps(payload).encode() + b"\n"
@@ -195,20 +323,41 @@ async def _main(cfg: ControlConfig) -> int:
     from meshlet.proxy.server import bind
 
     loop = asyncio.get_running_loop()
-    cp = ControlPlane(cfg)
+    try:
+        cp = ControlPlane(cfg)
+    except MeshFileError as e:
+        log.error("invalid mesh file:\n%s", e)
+        return 64
     server = await loop.create_server(lambda: _Conn(cp), sock=bind(cfg.listen, 256),
                                       ssl=cp.server_ssl(), ssl_handshake_timeout=READ_TIMEOUT)
     port = server.sockets[0].getsockname()[1]
     log.info("meshlet control on https://%s:%d (trust domain %s; CA in %s; trust anchors: "
              "%s)", cfg.listen.host, port, cfg.trust_domain, cp.state_dir / "ca",
              cp.state_dir / "ca" / "root.crt")
+    if cfg.mesh_file:
+        log.info("mesh file %s: %d service(s)", cfg.mesh_file, len(cp.discovery.mesh.services))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    tasks = [loop.create_task(_every(FILE_POLL, cp.reload_mesh)),
+             loop.create_task(_every(HEARTBEAT, cp.heartbeat))]
     await stop.wait()
+    for t in tasks:
+        t.cancel()
     server.close()
+    for c in list(cp.watches):
+        c.transport.close()
     log.info("control plane stopped (issued %d, refused %d)", cp.issued, cp.refused)
     return 0
+
+
+async def _every(period: float, fn: Any) -> None:
+    while True:
+        await asyncio.sleep(period)
+        try:
+            fn()
+        except Exception:  # a bug must not stop the loop
+            log.exception("periodic task failed")
 
 
 def run_control(cfg: ControlConfig) -> int:

@@ -435,12 +435,14 @@ def rewrite_head(
     strip_mesh: bool,
     keep_upgrade: bool = False,
     add: bytes = b"",
+    line: bytes = b"",
 ) -> bytes:
     """Rebuild `head.raw` without hop-by-hop fields (and `meshlet-*` when `strip_mesh`),
-    appending the already-formatted field lines `add` (each ending in CRLF)."""
+    appending the already-formatted field lines `add` (each ending in CRLF); `line`
+    replaces the start line."""
     raw = head.raw
     first = raw.find(b"\r\n") + 2
-    line = raw[:first]
+    line = line or raw[:first]
     if head.version == 10 and isinstance(head, ResponseHead):
         line = b"HTTP/1.1" + line[8:]
     out = [line]

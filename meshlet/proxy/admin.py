@@ -37,13 +37,18 @@ class _Admin(asyncio.Protocol):
         self.proxy = proxy
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.buf = b""
+        self.busy = False  # a /ready probe is under way: answer in order after it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        while self.buf:
+        if not self.busy:
+            self._process()
+
+    def _process(self) -> None:
+        while self.buf and not self.transport.is_closing():
             try:
                 req = parse_request(self.buf, 16384, 4096)
             except LocalProtocolError as e:
@@ -57,6 +62,10 @@ class _Admin(asyncio.Protocol):
                 self.transport.close()
                 return
             self.buf = self.buf[req.end:]
+            if req.target.split(b"?", 1)[0] == b"/ready":
+                self.busy = True
+                self.proxy.loop.create_task(self._ready(req.close))
+                return
             self.transport.write(self._handle(req.method, req.target))
             if req.close:
                 self.transport.close()
@@ -70,10 +79,6 @@ class _Admin(asyncio.Protocol):
                              b"text/plain; version=0.0.4; charset=utf-8")
         if path == b"/live":
             return _response(200, b"live\n")
-        if path == b"/ready":
-            if proxy.is_ready():
-                return _response(200, b"ready\n")
-            return _response(503, b"not ready\n")
         if path == b"/config":
             body = json.dumps(proxy.config_view(), indent=2).encode() + b"\n"
             return _response(200, body, b"application/json")
@@ -91,6 +96,21 @@ class _Admin(asyncio.Protocol):
             proxy.begin_shutdown()
             return _response(202, b"shutting down\n", close=True)
         return _response(404, b"not found: /metrics /live /ready /config /shutdown\n")
+
+
+    async def _ready(self, close: bool) -> None:
+        why = await self.proxy.not_ready_reason()
+        if self.transport.is_closing():
+            return
+        if why is None:
+            self.transport.write(_response(200, b"ready\n"))
+        else:
+            self.transport.write(_response(503, f"not ready: {why}\n".encode()))
+        self.busy = False
+        if close:
+            self.transport.close()
+        else:
+            self._process()
 
 
 async def start_admin(proxy: Proxy, addr: Addr) -> asyncio.AbstractServer:

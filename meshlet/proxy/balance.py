@@ -17,17 +17,25 @@ from itertools import accumulate
 
 from meshlet.api.endpoints import Endpoint, EndpointSet
 
-__all__ = ["Balancer", "Fixed", "Target"]
+__all__ = ["RESOLVE_TIMEOUT", "Balancer", "Fixed", "Target"]
+
+RESOLVE_TIMEOUT = 5.0  # how long a request waits for discovery's first answer
 
 
 class Target(abc.ABC):
     """Base: something that picks an endpoint."""
 
-    __slots__ = ("name", "opaque")
+    __slots__ = ("name", "opaque", "pending")
 
     def __init__(self, name: str, opaque: bool) -> None:
         self.name = name
         self.opaque = opaque
+        # True until discovery first answers (`meshlet.proxy.discovery.Destination`).
+        self.pending = False
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait until not pending (at most `timeout`); False if still pending."""
+        return not self.pending
 
     @abc.abstractmethod
     def pick(self, exclude: Endpoint | None = None) -> Endpoint | None:
@@ -66,7 +74,7 @@ class Balancer(Target):
         self._live: tuple[Endpoint, ...] = ()
         self._cum: list[int] | None = None
         self._next = 0
-        self.version = 0
+        self.version = ""
 
     def update(self, es: EndpointSet | None, opaque_ports: frozenset[int]) -> None:
         eps = es.endpoints if es is not None else ()
@@ -75,7 +83,7 @@ class Balancer(Target):
         self._live = live
         weights = {e.weight for e in live}
         self._cum = list(accumulate(e.weight for e in live)) if len(weights) > 1 else None
-        self.version = es.version if es is not None else 0
+        self.version = es.version if es is not None else ""
         if es is not None:
             port = int(self.name.rpartition(":")[2])
             self.opaque = es.opaque or port in opaque_ports

@@ -17,6 +17,7 @@ from meshlet.proxy.pool import Pool
 
 if TYPE_CHECKING:
     from meshlet.proxy.http1 import H1Upstream
+    from meshlet.proxy.router import Router
     from meshlet.proxy.server import Proxy
 
 __all__ = ["ListenerCtx"]
@@ -36,6 +37,7 @@ class ListenerCtx:
         "metrics",
         "pool",
         "proxy",
+        "router",
         "strip_mesh",
         "target",
         "tcp_dst",
@@ -71,6 +73,8 @@ class ListenerCtx:
         self._clients: dict[str, ListenerCtx] = {}
         # Outbound on a meshed proxy: the context counting mTLS connections to peers.
         self.meshed: ListenerCtx | None = None
+        # The outbound HTTP proxy listener: picks a target per request (else None).
+        self.router: Router | None = None
 
     def count_refused(self) -> None:
         """A connection closed at accept: a limit was reached, or shutting down."""
@@ -103,6 +107,7 @@ class ListenerCtx:
             if ctx is None:
                 ctx = ListenerCtx(self.proxy, self.direction, self.target, self.authority,
                                   self.strip_mesh)
+                ctx.router = self.router
                 ctx.set_tls(self.tls, client_id)
                 self._clients[client_id] = ctx
         return ctx

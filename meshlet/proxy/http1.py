@@ -39,12 +39,14 @@ from meshlet.proto.http1 import (
     parse_response,
     rewrite_head,
 )
+from meshlet.proxy.balance import RESOLVE_TIMEOUT
 from meshlet.proxy.errors import error_response
 from meshlet.proxy.mtls import ALPN_H1, PeerIdentityError, open_upstream
 from meshlet.proxy.tcp import splice
 
 if TYPE_CHECKING:
     from meshlet.metrics.registry import HttpStats
+    from meshlet.proxy.balance import Target
     from meshlet.proxy.context import ListenerCtx
 
 __all__ = ["H1Downstream", "H1Upstream"]
@@ -88,6 +90,7 @@ class H1Downstream(asyncio.Protocol):
         "ctx",
         "draining",
         "ep",
+        "override",
         "paused",
         "progress",
         "req",
@@ -98,8 +101,10 @@ class H1Downstream(asyncio.Protocol):
         "started",
         "state",
         "stats",
+        "target",
         "transport",
         "up",
+        "waited",
     )
 
     def __init__(self, ctx: ListenerCtx) -> None:
@@ -113,6 +118,9 @@ class H1Downstream(asyncio.Protocol):
         self.req: RequestHead | None = None
         self.req_bytes: bytes | None = None  # whole request, kept while retry is possible
         self.ep: Endpoint | None = None
+        self.target: Target = ctx.target
+        self.override = b""  # the head to send instead of a rewrite (router's)
+        self.waited = False
         self.body_left = 0
         self.body_framer: ChunkedFramer | None = None
         self.paused = 0
@@ -208,9 +216,22 @@ class H1Downstream(asyncio.Protocol):
             if self._tkind != T_HEAD:
                 self._arm(T_HEAD, cfg.header_read_timeout)
             return
+        target = ctx.target
+        router = ctx.router
+        if router is not None:
+            try:
+                target, self.override = router.route(req)
+            except LocalProtocolError as e:
+                self._reject(e.status, e.reason)
+                return
+            self.target = target
+        if target.pending and not self.waited:
+            self._wait_target(target)
+            return
+        self.waited = False
         self.req = req
         self.started = ctx.loop.time()
-        ep = ctx.fixed or ctx.target.pick()
+        ep = ctx.fixed or target.pick()
         # Outbound to a meshed endpoint: the metrics say tls="true" (mtls.open_upstream).
         sctx = ctx.meshed if (ep is not None and ep.identity and ctx.meshed) else ctx
         st = sctx.by_host.get(req.host) or sctx.http_stats(req.host)
@@ -254,7 +275,11 @@ class H1Downstream(asyncio.Protocol):
             if self.draining:
                 req.close = True
             # The head (maybe rewritten) and the body bytes that came with it.
-            if req.needs_rewrite or req.version == 10:
+            if self.override:
+                head = self.override
+                if req.version == 10:
+                    req.close = True
+            elif req.needs_rewrite or req.version == 10:
                 head = rewrite_head(req, ctx.strip_mesh, keep_upgrade=req.upgrade is not None)
                 if req.version == 10:
                     req.close = True
@@ -287,6 +312,23 @@ class H1Downstream(asyncio.Protocol):
         if body != BODY_NONE:
             self.buf = rest[end:]
         ctx.loop.create_task(self._connect(ep, head))
+
+    def _wait_target(self, target: Target) -> None:
+        """A destination discovery has not answered for yet: hold the request (reading
+        paused) until it does, or until the resolve timeout; then take it up again."""
+        self.state = S_CONNECT
+        self._pause(P_CONNECT)
+
+        async def wait() -> None:
+            await target.wait_ready(RESOLVE_TIMEOUT)
+            if self.state != S_CONNECT:
+                return
+            self.state = S_HEAD
+            self.waited = True
+            self._unpause(P_CONNECT)
+            self._on_head_data()
+
+        self.ctx.loop.create_task(wait())
 
     def _attach(self, up: H1Upstream) -> None:
         self.up = up
@@ -375,7 +417,8 @@ class H1Downstream(asyncio.Protocol):
 
     async def _connect(self, ep: Endpoint, head: bytes) -> None:
         ctx = self.ctx
-        attempts = min(3, max(1, len(ctx.target.endpoints())))
+        target = self.target
+        attempts = min(3, max(1, len(target.endpoints())))
         reason = "connect_failed"
         status = 502
         up: H1Upstream | None = None
@@ -393,11 +436,15 @@ class H1Downstream(asyncio.Protocol):
                 status = 502
                 reason = _errno_reason(e, "connect")
             log.debug("connect to %s failed: %s", ep.addr, reason)
+            if ctx.fixed is not None:
+                ctx.proxy.app_unreachable(reason)
             if attempt + 1 < attempts:
-                nxt = ctx.target.pick(exclude=ep)
+                nxt = target.pick(exclude=ep)
                 if nxt is None:
                     break
                 ep = self.ep = nxt
+        if up is not None and ctx.fixed is not None and ctx.proxy.app_down is not None:
+            ctx.proxy.app_reachable()
         if up is None or self.state != S_CONNECT or self.transport.is_closing():
             if up is not None:
                 up.close_idle()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 
 from meshlet.proto.detect import Proto, detect
+from meshlet.proxy.balance import RESOLVE_TIMEOUT
 from meshlet.proxy.context import ListenerCtx
 from meshlet.proxy.http1 import H1Downstream
 from meshlet.proxy.tcp import start_relay
@@ -24,13 +25,14 @@ __all__ = ["Accepted"]
 
 
 class Accepted(asyncio.Protocol):
-    __slots__ = ("buf", "ctx", "timer", "transport")
+    __slots__ = ("buf", "ctx", "timer", "transport", "waiting")
 
     def __init__(self, ctx: ListenerCtx) -> None:
         self.ctx = ctx
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.buf = b""
         self.timer: asyncio.TimerHandle | None = None
+        self.waiting = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         t: asyncio.Transport = transport  # type: ignore[assignment]
@@ -42,10 +44,29 @@ class Accepted(asyncio.Protocol):
             t.abort()
             return
         ctx.tcp_src.opened += 1
+        if ctx.target.pending:
+            # Discovery has not answered for this listener's service yet: whether it is
+            # opaque is not known. Read nothing until it is (bounded).
+            t.pause_reading()
+            self.waiting = True
+            ctx.loop.create_task(self._after_resolve())
+            return
+        self._begin()
+
+    def _begin(self) -> None:
+        ctx = self.ctx
         if ctx.target.opaque:
-            start_relay(ctx, t, b"")
+            start_relay(ctx, self.transport, b"")
             return
         self.timer = ctx.loop.call_later(ctx.cfg.detect_timeout, self._timeout)
+
+    async def _after_resolve(self) -> None:
+        await self.ctx.target.wait_ready(RESOLVE_TIMEOUT)
+        if self.transport.is_closing():
+            return
+        self.waiting = False
+        self.transport.resume_reading()
+        self._begin()
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf + data if self.buf else data
@@ -87,8 +108,10 @@ class Accepted(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
+        if self.timer is not None or self.waiting:
+            self.waiting = False
+            if self.timer is not None:
+                self.timer.cancel()
             self.timer = None
             self.ctx.tcp_src.closed += 1
             self.ctx.proxy.conn_closed()

@@ -30,6 +30,7 @@ from meshlet.proxy.listener import Accepted
 from meshlet.proxy.pool import Pool
 
 if TYPE_CHECKING:
+    from meshlet.proxy.discovery import DiscoveryClient
     from meshlet.proxy.http1 import H1Upstream
     from meshlet.proxy.identity import IdentityManager
 
@@ -61,6 +62,9 @@ class Proxy:
         self._shutdown_task: asyncio.Task[None] | None = None
         self._file_mtime: float | None = None
         self.identity: IdentityManager | None = None
+        self.discovery: DiscoveryClient | None = None
+        self.app_down: str | None = None  # why the app was unreachable last time
+        self._app_probe_at = -1.0
         self.metrics.gauge("pool_idle_connections", "Idle pooled upstream connections.",
                            lambda: [((), float(self.pool.idle_count()))])
         self.metrics.gauge("process_open_connections", "Client connections open now.",
@@ -83,6 +87,44 @@ class Proxy:
         """Listening, not draining, and (with a control plane) holding a valid cert."""
         return self.ready and (self.identity is None or self.identity.valid())
 
+    async def not_ready_reason(self) -> str | None:
+        """Why the proxy is not ready (None: ready): not started or draining, no valid
+        certificate, or its app refused the last connection (then the app is probed,
+        at most every 0.5 s, until it accepts one again). The app is not probed while
+        connections to it succeed, so a healthy app sees no extra connections."""
+        if not self.ready:
+            return "shutting down" if self.draining else "starting"
+        if self.identity is not None and not self.identity.valid():
+            err = self.identity.last_error
+            return "no valid certificate yet" + (f" ({err})" if err else "")
+        app = self.cfg.app_addr
+        if app is None or self.app_down is None:
+            return None
+        now = self.loop.time()
+        if now - self._app_probe_at > 0.5:
+            self._app_probe_at = now
+            try:
+                _r, w = await asyncio.wait_for(
+                    asyncio.open_connection(app.host, app.port), 1.0)
+                w.close()
+                self.app_reachable()
+            except TimeoutError:
+                self.app_down = "timeout"
+            except OSError as e:
+                self.app_down = (e.strerror or str(e)).lower()
+        return f"app {app} unreachable: {self.app_down}" if self.app_down else None
+
+    def app_unreachable(self, reason: str) -> None:
+        if self.app_down is None:
+            log.warning("app %s unreachable (%s): not ready until it accepts connections",
+                        self.cfg.app_addr, reason)
+        self.app_down = reason
+
+    def app_reachable(self) -> None:
+        if self.app_down is not None:
+            log.info("app %s reachable again", self.cfg.app_addr)
+        self.app_down = None
+
     async def start(self) -> None:
         cfg = self.cfg
         if cfg.control_addr is not None:
@@ -91,6 +133,12 @@ class Proxy:
 
             self.identity = IdentityManager(self)
             self.identity.start()
+            if not cfg.endpoints_file:
+                from meshlet.proxy.discovery import DiscoveryClient
+
+                self.discovery = DiscoveryClient(self)
+                if cfg.inbound_listen is not None and cfg.app_addr is not None:
+                    self.discovery.watch_policy(self._set_policy)
         if cfg.endpoints_file:
             from meshlet.api.endpoints_file import load_endpoints_file
 
@@ -112,8 +160,12 @@ class Proxy:
                 self.servers.append(PeekingListener(plain, meshed, sock))
                 self._listed(plain, sock, str(app))
         for b in cfg.outbound:
-            bal = Balancer(b.service, b.opaque)
-            bal.update(self.endpoint_sets.get(b.service), cfg.opaque_ports)
+            if self.discovery is not None:
+                host, _, port = b.service.rpartition(":")
+                bal: Balancer = self.discovery.destination(host, int(port))
+            else:
+                bal = Balancer(b.service, b.opaque)
+                bal.update(self.endpoint_sets.get(b.service), cfg.opaque_ports)
             bal.opaque = bal.opaque or b.opaque
             self.balancers[b.service] = bal
             octx = ListenerCtx(self, "outbound", bal, b.service, strip_mesh=False)
@@ -122,6 +174,19 @@ class Proxy:
                 octx.meshed = ListenerCtx(self, "outbound", bal, b.service, strip_mesh=False)
                 octx.meshed.set_tls("true")
             await self._listen(b.listen, octx, b.service)
+        if cfg.outbound_proxy_listen is not None and self.discovery is not None:
+            from meshlet.proxy.router import Router
+
+            router = Router(self.discovery)
+            pctx = ListenerCtx(self, "outbound", Balancer("http-proxy", False), None,
+                               strip_mesh=False)
+            pctx.router = router
+            pctx.set_tls("no_identity")
+            pctx.meshed = ListenerCtx(self, "outbound", pctx.target, None, strip_mesh=False)
+            pctx.meshed.router = router
+            pctx.meshed.set_tls("true")
+            await self._listen(cfg.outbound_proxy_listen, pctx, "(by Host: HTTP proxy)")
+            router.own_ports = {int(x["listen"].rpartition(":")[2]) for x in self.listeners}
         if cfg.endpoints_file:
             self.loop.create_task(self._watch_file(cfg.endpoints_file))
         from meshlet.proxy.admin import start_admin
@@ -153,6 +218,22 @@ class Proxy:
                                "tls": ctx.tls})
         log.info("%s listener on %s:%d -> %s", ctx.direction, host, port, target)
 
+    def _set_policy(self, spec: dict[str, Any] | None) -> None:
+        from meshlet.policy.authz import PolicyError, parse_policy
+
+        default = self.cfg.inbound_policy
+        if spec is None:
+            self.policy = Policy(default, default)
+            return
+        try:
+            self.policy = parse_policy("mesh", spec)
+        except PolicyError as e:  # the control plane checked it: a version mismatch
+            log.error("policy from the control plane refused, keeping %s: %s",
+                      self.policy.name, e)
+            return
+        log.info("inbound policy: default %s, %d rule(s)", self.policy.default,
+                 len(self.policy.rules))
+
     async def _watch_file(self, path: str) -> None:
         from meshlet.api.endpoints_file import load_endpoints_file
 
@@ -172,13 +253,6 @@ class Proxy:
             self.apply_endpoints(sets)
 
     def apply_endpoints(self, sets: dict[str, EndpointSet]) -> None:
-        for name, es in sets.items():
-            old = self.endpoint_sets.get(name)
-            if old is not None and old.endpoints == es.endpoints and old.opaque == es.opaque:
-                sets[name] = old
-            else:
-                sets[name] = EndpointSet(es.service, (old.version + 1) if old else 1,
-                                         es.endpoints, es.opaque)
         self.endpoint_sets = sets
         for name, bal in self.balancers.items():
             bal.update(sets.get(name), self.cfg.opaque_ports)
@@ -191,8 +265,11 @@ class Proxy:
         return {
             "mode": "standalone" if self.identity is None else "meshed",
             "tls": "disabled: no control plane configured (plaintext)"
-            if self.identity is None else "identity held; mTLS data path: next increment",
+            if self.identity is None else "mTLS to meshed endpoints",
             "identity": self.identity.view() if self.identity is not None else None,
+            "discovery": self.discovery.view() if self.discovery is not None else None,
+            "policy": {"default": self.policy.default,
+                       "rules": [r.name for r in self.policy.rules]},
             "config": self.cfg.to_json(),
             "listeners": self.listeners,
             "endpoints": {
@@ -232,6 +309,8 @@ class Proxy:
             if t is not None:
                 t.abort()
         self.pool.close_all()
+        if self.discovery is not None:
+            self.discovery.close()
         if self.identity is not None:
             self.identity.close()
         if admin is not None:

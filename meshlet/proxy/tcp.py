@@ -189,6 +189,8 @@ async def _connect(ctx: ListenerCtx, client: _Client, ep: Endpoint) -> None:
         except (OSError, TimeoutError) as e:
             reason = "connect_timeout" if isinstance(e, TimeoutError) else "connect_failed"
             log.debug("tcp connect to %s failed: %s", ep.addr, e)
+            if ctx.fixed is not None:
+                ctx.proxy.app_unreachable(reason)
             ctx.metrics.counter("tcp_connect_errors_total", "Opaque TCP connections that "
                                 "found no upstream, by reason.",
                                 (("direction", ctx.direction), ("reason", reason)))
@@ -197,6 +199,8 @@ async def _connect(ctx: ListenerCtx, client: _Client, ep: Endpoint) -> None:
                 break
             ep = nxt
             continue
+        if ctx.fixed is not None and ctx.proxy.app_down is not None:
+            ctx.proxy.app_reachable()
         if client.transport.is_closing():
             up.transport.close()
             return

@@ -25,7 +25,7 @@ def _seeded() -> Iterator[None]:
 
 def bal(*eps: Endpoint, opaque: bool = False, name: str = "web:80") -> Balancer:
     b = Balancer(name, False)
-    b.update(EndpointSet(name, 7, eps, opaque=opaque), frozenset())
+    b.update(EndpointSet(name, "7", eps, opaque=opaque), frozenset())
     return b
 
 
@@ -36,7 +36,7 @@ def test_empty_is_none() -> None:
     b.update(None, frozenset())
     assert b.pick() is None
     assert b.endpoints() == ()
-    assert b.version == 0
+    assert b.version == ""
 
 
 def test_all_weight_zero_is_none() -> None:
@@ -102,9 +102,9 @@ def test_exclude_weighted() -> None:
 
 def test_update_replaces_whole_list_and_version() -> None:
     b = bal(A, B)
-    assert b.version == 7
-    b.update(EndpointSet("web:80", 8, (C,)), frozenset())
-    assert b.version == 8
+    assert b.version == "7"
+    b.update(EndpointSet("web:80", "8", (C,)), frozenset())
+    assert b.version == "8"
     assert {b.pick() for _ in range(5)} == {C}
     assert b.endpoints() == (C,)
 
@@ -112,9 +112,9 @@ def test_update_replaces_whole_list_and_version() -> None:
 def test_opaque_from_set_or_port() -> None:
     assert bal(A, opaque=True).opaque is True
     b = Balancer("db:5432", False)
-    b.update(EndpointSet("db:5432", 1, (A,)), frozenset({5432}))
+    b.update(EndpointSet("db:5432", "1", (A,)), frozenset({5432}))
     assert b.opaque is True
-    b.update(EndpointSet("db:5432", 2, (A,)), frozenset({80}))
+    b.update(EndpointSet("db:5432", "2", (A,)), frozenset({80}))
     assert b.opaque is False
 
 

@@ -52,11 +52,15 @@ def test_valid_file() -> None:
     sets = parse_endpoints_yaml(GOOD, P)
     assert list(sets) == ["web:80", "db:5432", "web:8443", "empty:1"]
     web = sets["web:80"]
-    assert web == EndpointSet("web:80", 1, (
+    assert web == EndpointSet.make("web:80", (
         Endpoint("10.0.0.1", 8080),
         Endpoint("10.0.0.2", 8080, 3, "spiffe://mesh/ns/default/sa/web"),
         Endpoint("::1", 8081, 0),
     ), opaque=False)
+    # The version is the content's hash: same content, same version; round trip.
+    assert web.version == parse_endpoints_yaml(GOOD, P)["web:80"].version
+    assert web.version != sets["web:8443"].version
+    assert EndpointSet.from_json(web.to_json()) == web
     assert web.endpoints[2].addr == "[::1]:8081"
     assert sets["db:5432"].opaque is True
     assert sets["db:5432"].endpoints == (Endpoint("db.internal", 5432),)

@@ -1,0 +1,386 @@
+"""The mesh file: one YAML file that declares a whole mesh (the embedded backend).
+
+    trust_domain: demo.local            # optional; else the control plane's setting
+    services:
+      - name: backend                   # DNS-label; clients dial backend:8080
+        namespace: default              # default "default"
+        account: backend                # service account (identity); default: the name
+        ports: [8080, {port: 5432, protocol: opaque}]
+        opaque_ports: [6379]            # shorthand for {port, protocol: opaque}
+        workloads:                      # where it runs (the control plane serves these)
+          - address: 10.0.0.7           # HOST: reached on each service port
+          - address: 127.0.0.1:41001    # HOST:PORT: one sidecar's inbound listener
+            weight: 2
+            ready: false                # listed but out of the pool
+        meshed: true                    # false: plaintext, no identity expected
+        policy:                         # inbound authorization of its workloads
+          default: all-authenticated
+          rules: [{name: fe, identities: ["spiffe://demo.local/ns/default/sa/frontend"]}]
+        run:                            # for `meshlet up` only
+          command: python examples/mesh/backend.py
+          env: {GREETING: hi}
+          replicas: 2
+        expose: 8080                    # `meshlet up`: reachable from the host here
+
+Rules:
+1. A bad file is refused whole with `file:line: field: reason` for every problem found.
+2. The parse result is immutable (`Mesh`); the control plane swaps it whole.
+3. Endpoint set versions are content hashes (`EndpointSet.make`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+from typing import Any
+
+import yaml
+
+from meshlet.api.endpoints import Endpoint, EndpointSet, EndpointsFileError, content_version
+from meshlet.api.endpoints_file import Checker, compose, split_addr
+from meshlet.policy.authz import Policy, PolicyError, parse_policy
+
+__all__ = ["Mesh", "MeshFileError", "PortSpec", "RunSpec", "Service", "Workload",
+           "load_mesh_file", "parse_mesh_yaml", "policy_json"]
+
+MeshFileError = EndpointsFileError
+
+_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+PROTOCOLS = ("detect", "http", "opaque")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PortSpec:
+    port: int
+    protocol: str  # detect | http | opaque
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Workload:
+    host: str
+    port: int | None  # None: each service port on `host`
+    weight: int = 1
+    ready: bool = True
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunSpec:
+    command: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    replicas: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    namespace: str
+    account: str
+    ports: tuple[PortSpec, ...]
+    workloads: tuple[Workload, ...]
+    meshed: bool
+    policy: Policy
+    run: RunSpec | None
+    expose: int | None
+    line: int
+
+    @property
+    def fqn(self) -> str:
+        return f"{self.name}.{self.namespace}"
+
+    def identity(self, trust_domain: str) -> str | None:
+        if not self.meshed:
+            return None
+        return f"spiffe://{trust_domain}/ns/{self.namespace}/sa/{self.account}"
+
+    def port(self, port: int) -> PortSpec | None:
+        for p in self.ports:
+            if p.port == port:
+                return p
+        return None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Mesh:
+    trust_domain: str | None
+    services: tuple[Service, ...]
+    by_name: dict[str, Service] = dataclasses.field(compare=False, repr=False)
+
+    @classmethod
+    def build(cls, trust_domain: str | None, services: tuple[Service, ...]) -> Mesh:
+        by_name: dict[str, Service] = {}
+        counts: dict[str, int] = {}
+        for s in services:
+            counts[s.name] = counts.get(s.name, 0) + 1
+        for s in services:
+            by_name[s.fqn] = s
+            if counts[s.name] == 1 or s.namespace == "default":
+                by_name.setdefault(s.name, s)
+        return cls(trust_domain, services, by_name)
+
+    def lookup(self, host: str) -> Service | None:
+        """The service a destination host names: NAME, NAME.NS or NAME.NS.svc[.*]."""
+        host = host.lower().rstrip(".")
+        s = self.by_name.get(host)
+        if s is None:
+            parts = host.split(".")
+            if len(parts) >= 3 and parts[2] == "svc":
+                s = self.by_name.get(f"{parts[0]}.{parts[1]}")
+        return s
+
+    def endpoint_set(self, host: str, port: int, trust_domain: str) -> EndpointSet | None:
+        """The endpoints of `host:port`, or None if the mesh does not know the name or
+        the service has no such port."""
+        s = self.lookup(host)
+        if s is None:
+            return None
+        ps = s.port(port)
+        if ps is None:
+            return None
+        ident = s.identity(self.trust_domain or trust_domain)
+        eps = tuple(Endpoint(w.host, w.port or port, w.weight, ident)
+                    for w in s.workloads if w.ready)
+        return EndpointSet.make(f"{s.fqn}:{port}", eps, ps.protocol == "opaque")
+
+
+def policy_json(p: Policy) -> dict[str, Any]:
+    return {"default": p.default, "rules": [
+        {"name": r.name, "identities": list(r.identities),
+         "networks": [str(n) for n in r.networks]} for r in p.rules]}
+
+
+def policy_version(p: Policy) -> str:
+    return content_version(policy_json(p))
+
+
+def parse_mesh_yaml(text: str, path: str = "<mesh>") -> Mesh:
+    c = Checker(path)
+    root = compose(text, path)
+    td: str | None = None
+    services: list[Service] = []
+    if root is not None:
+        top = c.mapping(root, "(top)")
+        if top is not None:
+            c.unknown(top, {"trust_domain", "services"}, "(top)")
+            td = c.scalar(top.get("trust_domain"), "trust_domain")
+            if td is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", td):
+                c.err(top["trust_domain"], "trust_domain", f"invalid trust domain {td!r}")
+            snodes = top.get("services")
+            if snodes is not None and not isinstance(snodes, yaml.SequenceNode):
+                c.err(snodes, "services", "expected a list")
+            elif snodes is not None:
+                seen: dict[str, int] = {}
+                exposed: dict[int, int] = {}
+                for i, snode in enumerate(snodes.value):
+                    s = _service(c, snode, f"services[{i}]")
+                    if s is None:
+                        continue
+                    if s.fqn in seen:
+                        c.err(snode, f"services[{i}].name",
+                              f"duplicate service {s.fqn} (first on line {seen[s.fqn]})")
+                    seen[s.fqn] = s.line
+                    if s.expose is not None:
+                        if s.expose in exposed:
+                            c.err(snode, f"services[{i}].expose",
+                                  f"port {s.expose} already exposed on line "
+                                  f"{exposed[s.expose]}")
+                        exposed[s.expose] = s.line
+                    services.append(s)
+    if c.errors:
+        raise MeshFileError(c.errors)
+    return Mesh.build(td, tuple(services))
+
+
+def _bool(c: Checker, node: yaml.Node | None, field: str, default: bool) -> bool:
+    text = c.scalar(node, field)
+    if text is None:
+        return default
+    if text.lower() in ("true", "yes", "on"):
+        return True
+    if text.lower() in ("false", "no", "off"):
+        return False
+    c.err(node, field, f"expected true or false, got {text!r}")
+    return default
+
+
+def _label(c: Checker, node: yaml.Node | None, field: str, default: str | None) -> str | None:
+    text = c.scalar(node, field)
+    if text is None:
+        return default
+    if not _LABEL_RE.fullmatch(text):
+        c.err(node, field, f"{text!r} is not a DNS label (a-z, 0-9, '-', at most 63)")
+        return None
+    return text
+
+
+def _service(c: Checker, node: yaml.Node, field: str) -> Service | None:
+    m = c.mapping(node, field)
+    if m is None:
+        return None
+    c.unknown(m, {"name", "namespace", "account", "ports", "opaque_ports", "protocol",
+                  "workloads", "meshed", "policy", "run", "expose"}, field)
+    n_before = len(c.errors)
+    if "name" not in m:
+        c.err(node, f"{field}.name", "required")
+    name = _label(c, m.get("name"), f"{field}.name", None)
+    ns = _label(c, m.get("namespace"), f"{field}.namespace", "default")
+    account = _label(c, m.get("account"), f"{field}.account", name)
+    proto = c.scalar(m.get("protocol"), f"{field}.protocol") or "detect"
+    if proto not in PROTOCOLS:
+        c.err(m.get("protocol"), f"{field}.protocol", f"must be one of {', '.join(PROTOCOLS)}")
+    ports: list[PortSpec] = []
+    pnode = m.get("ports")
+    if pnode is not None and not isinstance(pnode, yaml.SequenceNode):
+        c.err(pnode, f"{field}.ports", "expected a list")
+    elif pnode is not None:
+        for j, p in enumerate(pnode.value):
+            pf = f"{field}.ports[{j}]"
+            if isinstance(p, yaml.MappingNode):
+                pm = c.mapping(p, pf) or {}
+                c.unknown(pm, {"port", "protocol"}, pf)
+                num = c.integer(pm.get("port"), f"{pf}.port", 1, 65535)
+                if "port" not in pm:
+                    c.err(p, f"{pf}.port", "required")
+                pp = c.scalar(pm.get("protocol"), f"{pf}.protocol") or proto
+                if pp not in PROTOCOLS:
+                    c.err(pm.get("protocol"), f"{pf}.protocol",
+                          f"must be one of {', '.join(PROTOCOLS)}")
+            else:
+                num, pp = c.integer(p, pf, 1, 65535), proto
+            if num is not None:
+                if any(x.port == num for x in ports):
+                    c.err(p, pf, f"duplicate port {num}")
+                ports.append(PortSpec(num, pp))
+    onode = m.get("opaque_ports")
+    if onode is not None and not isinstance(onode, yaml.SequenceNode):
+        c.err(onode, f"{field}.opaque_ports", "expected a list")
+    elif onode is not None:
+        for j, p in enumerate(onode.value):
+            num = c.integer(p, f"{field}.opaque_ports[{j}]", 1, 65535)
+            if num is None:
+                continue
+            ports = [x for x in ports if x.port != num]
+            ports.append(PortSpec(num, "opaque"))
+    meshed = _bool(c, m.get("meshed"), f"{field}.meshed", True)
+    workloads: list[Workload] = []
+    wnode = m.get("workloads")
+    if wnode is not None and not isinstance(wnode, yaml.SequenceNode):
+        c.err(wnode, f"{field}.workloads", "expected a list")
+    elif wnode is not None:
+        for j, w in enumerate(wnode.value):
+            wl = _workload(c, w, f"{field}.workloads[{j}]")
+            if wl is not None:
+                workloads.append(wl)
+    if workloads and not ports:
+        c.err(wnode, f"{field}.ports", "a service with workloads needs at least one port")
+    policy = Policy(f"{name}.{ns}" if name else "?")
+    if "policy" in m:
+        policy = _policy(c, m["policy"], f"{field}.policy", policy.name)
+    run = _run(c, m["run"], f"{field}.run") if "run" in m else None
+    expose = c.integer(m.get("expose"), f"{field}.expose", 1, 65535)
+    if expose is not None and (run is None or not ports):
+        c.err(m.get("expose"), f"{field}.expose", "needs `run` and a port")
+    if len(c.errors) != n_before or name is None or ns is None or account is None:
+        return None
+    return Service(name, ns, account, tuple(ports), tuple(workloads), meshed, policy, run,
+                   expose, node.start_mark.line + 1)
+
+
+def _workload(c: Checker, node: yaml.Node, field: str) -> Workload | None:
+    m = c.mapping(node, field)
+    if m is None:
+        return None
+    c.unknown(m, {"address", "weight", "ready"}, field)
+    addr = c.scalar(m.get("address"), f"{field}.address")
+    if addr is None:
+        c.err(node, f"{field}.address", "required")
+        return None
+    hp = split_addr(addr)
+    host, port = (hp[0], hp[1]) if hp is not None else (addr.strip("[]"), None)
+    if hp is None and (not host or "/" in host or " " in host
+                       or (":" in addr and not addr.startswith("["))):
+        c.err(m["address"], f"{field}.address", f"invalid address {addr!r} (HOST or HOST:PORT)")
+        return None
+    weight = 1
+    if "weight" in m:
+        w = c.integer(m["weight"], f"{field}.weight", 0, 1_000_000)
+        if w is None:
+            return None
+        weight = w
+    ready = _bool(c, m.get("ready"), f"{field}.ready", True)
+    return Workload(host, port, weight, ready)
+
+
+def _policy(c: Checker, node: yaml.Node, field: str, name: str) -> Policy:
+    if not isinstance(node, yaml.MappingNode):
+        c.err(node, field, "expected a mapping")
+        return Policy(name)
+    spec = yaml.SafeLoader("").construct_object(node, deep=True)
+    try:
+        return parse_policy(name, spec)
+    except PolicyError as e:
+        for line in e.errors:
+            sub, _, reason = line.partition(": ")
+            c.err(_find(node, sub) or node, f"{field}.{sub}", reason)
+    return Policy(name)
+
+
+def _find(node: yaml.Node, path: str) -> yaml.Node | None:
+    """The node at `rules[1].identities` (for error lines), best effort."""
+    cur: yaml.Node | None = node
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        if cur is None:
+            return None
+        if part.startswith("[") and isinstance(cur, yaml.SequenceNode):
+            i = int(part[1:-1])
+            cur = cur.value[i] if i < len(cur.value) else None
+        elif isinstance(cur, yaml.MappingNode):
+            cur = next((v for k, v in cur.value if getattr(k, "value", None) == part), None)
+        else:
+            return None
+    return cur
+
+
+def _run(c: Checker, node: yaml.Node, field: str) -> RunSpec | None:
+    m = c.mapping(node, field)
+    if m is None:
+        return None
+    c.unknown(m, {"command", "env", "replicas"}, field)
+    cnode = m.get("command")
+    command: tuple[str, ...] = ()
+    if cnode is None:
+        c.err(node, f"{field}.command", "required")
+    elif isinstance(cnode, yaml.SequenceNode):
+        command = tuple(str(c.scalar(x, f"{field}.command")) for x in cnode.value)
+    else:
+        text = c.scalar(cnode, f"{field}.command") or ""
+        try:
+            command = tuple(shlex.split(text))
+        except ValueError as e:
+            c.err(cnode, f"{field}.command", str(e))
+    if cnode is not None and not command:
+        c.err(cnode, f"{field}.command", "must not be empty")
+    env: list[tuple[str, str]] = []
+    enode = m.get("env")
+    if enode is not None:
+        em = c.mapping(enode, f"{field}.env") or {}
+        for k, v in em.items():
+            if not _ENV_RE.fullmatch(k):
+                c.err(v, f"{field}.env.{k}", "not a valid variable name")
+            val = c.scalar(v, f"{field}.env.{k}")
+            if val is not None:
+                env.append((k, val))
+    replicas = 1
+    if "replicas" in m:
+        replicas = c.integer(m["replicas"], f"{field}.replicas", 1, 64) or 1
+    return RunSpec(command, tuple(env), replicas)
+
+
+def load_mesh_file(path: str) -> Mesh:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise MeshFileError([f"{path}:1: (file): {e.strerror}"]) from None
+    return parse_mesh_yaml(text, path)
