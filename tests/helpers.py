@@ -943,12 +943,14 @@ class Control:
                 "MESHLET_CONTROL_LISTEN_ADDR": f"127.0.0.1:{self.port}"}
 
 
-def start_control(state: Path, port: int | None = None, lifetime: str = "24h"
-                  ) -> Iterator[Control]:
+def start_control(state: Path, port: int | None = None, lifetime: str = "24h",
+                  mesh_file: Path | None = None) -> Iterator[Control]:
     """A `meshlet control` process (a generator for contextlib / fixtures)."""
     port = port or free_port()
     c = Control(state, port, None)  # type: ignore[arg-type]
     env = {**c.env(), "MESHLET_CERT_LIFETIME": lifetime}
+    if mesh_file is not None:
+        env["MESHLET_MESH_FILE"] = str(mesh_file)
     state.mkdir(parents=True, exist_ok=True)
     log = open(state / "control.log", "ab")  # noqa: SIM115 - closed below
     c.proc = subprocess.Popen([sys.executable, "-m", "meshlet", "control"], env=env,
@@ -965,9 +967,10 @@ def start_control(state: Path, port: int | None = None, lifetime: str = "24h"
         eventually(up, timeout=15)
         yield c
     finally:
+        killed = c.proc.poll() is not None  # a test killed it on purpose
         c.proc.send_signal(signal.SIGTERM)
         try:
-            assert c.proc.wait(timeout=10) == 0
+            assert c.proc.wait(timeout=10) == 0 or killed
         finally:
             if c.proc.poll() is None:
                 c.proc.kill()

@@ -52,6 +52,7 @@ class Discovery:
         self.trust_domain = trust_domain
         self.subs: dict[tuple[str, str], set[Subscriber]] = {}
         self.updates_sent = 0
+        self.resumed_unchanged = 0  # watches resumed at a still-current version
 
     # --- resources ----------------------------------------------------------------------
 
@@ -83,6 +84,7 @@ class Discovery:
     def subscribe(self, sub: Subscriber) -> None:
         kind, version, data = self.resolve(sub.key)
         if version == sub.version and kind != EVENT_NOT_FOUND:
+            self.resumed_unchanged += 1
             sub.send(event(EVENT_UNCHANGED, sub.key, version))
         else:
             sub.send(event(kind, sub.key, version, data))
@@ -121,7 +123,8 @@ class Discovery:
         return {"services": len(self.mesh.services),
                 "subscriptions": sum(len(s) for s in self.subs.values()),
                 "resources_watched": len(self.subs),
-                "updates_sent": self.updates_sent}
+                "updates_sent": self.updates_sent,
+                "resumed_unchanged": self.resumed_unchanged}
 
     def versions(self, keys: list[tuple[str, str]]) -> dict[str, str]:
         return {f"{k}/{n}": self.resolve((k, n))[1] for k, n in keys}

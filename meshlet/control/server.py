@@ -86,7 +86,15 @@ class ControlPlane:
         if not self.cfg.mesh_file:
             return Mesh.build(None, ())
         self.mesh_stamp = _stamp(self.cfg.mesh_file)
-        return load_mesh_file(self.cfg.mesh_file)  # errors stop the start-up
+        return self._load(self.cfg.mesh_file)  # errors stop the start-up
+
+    def _load(self, path: str) -> Mesh:
+        mesh = load_mesh_file(path)
+        if mesh.trust_domain is not None and mesh.trust_domain != self.cfg.trust_domain:
+            raise MeshFileError([f"{path}:1: trust_domain: {mesh.trust_domain!r} is not "
+                                 f"the control plane's ({self.cfg.trust_domain!r}; set "
+                                 f"MESHLET_TRUST_DOMAIN)"])
+        return mesh
 
     def reload_mesh(self) -> bool:
         """Re-read the mesh file if it changed; True if a new mesh was applied."""
@@ -98,7 +106,7 @@ class ControlPlane:
             return False
         self.mesh_stamp = stamp
         try:
-            mesh = load_mesh_file(path)
+            mesh = self._load(path)
         except MeshFileError as e:
             self.mesh_error = e.errors
             log.error("mesh file edit refused; the last good mesh stays in force:\n%s", e)
