@@ -166,7 +166,6 @@ def test_policy_from_the_mesh_file(backend: HttpBackend, tmp_path: Path) -> None
 
 @pytest.mark.timeout(90)
 def test_control_plane_killed_under_traffic(backend: HttpBackend, tmp_path: Path) -> None:
-    mesh_file = tmp_path / "mesh.yaml"
     with mesh_pair(tmp_path, backend) as (control, mesh_file, a, _b, _p):
         port = a.outbound["web:80"]
         failures: list[Any] = []
