@@ -60,20 +60,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _proxy_parser(sub)
     _control_parser(sub)
-    d = sub.add_parser("demo", help="run the example app behind a proxy and show its metrics")
-    d.add_argument("--requests", type=int, default=50, help="requests to send (default 50)")
-    d.add_argument("--serve", action="store_true", help="keep running until Ctrl-C")
+    u = sub.add_parser("up", help="run a whole mesh on this machine from a mesh file",
+                       description="Start the control plane, one sidecar per app replica and "
+                       "the apps of a mesh file; Ctrl-C stops them in order.")
+    u.add_argument("mesh_file", nargs="?", default="meshlet.yaml",
+                   help="the mesh file (default: meshlet.yaml)")
+    _up_flags(u)
+    d = sub.add_parser("demo", help="`meshlet up` on the bundled example (examples/shop)")
+    _up_flags(d)
     args = parser.parse_args(argv)
     if args.command == "proxy":
         return _run_proxy(args)
     if args.command == "control":
         return _run_control(args)
-    if args.command == "demo":
-        from meshlet.cli.demo import run_demo
+    if args.command in ("up", "demo"):
+        from meshlet.cli.up import run_up
 
-        return run_demo(args.requests, args.serve)
+        path = args.mesh_file if args.command == "up" else _bundled_example()
+        color = True if args.color == "always" else False if args.color == "never" else None
+        return run_up(path, args.state_dir, color, args.proxy_log_level)
     parser.error(f"unknown command {args.command}")  # pragma: no cover
     return 2  # pragma: no cover
+
+
+def _up_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", default=".meshlet/up",
+                   help="CA, tokens, derived mesh file, up.json (default .meshlet/up)")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    p.add_argument("--proxy-log-level", default="warning",
+                   choices=("debug", "info", "warning", "error"),
+                   help="sidecars' log level (default warning)")
+
+
+def _bundled_example() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.join(here, "examples", "shop", "mesh.yaml")
 
 
 def _run_proxy(args: argparse.Namespace) -> int:

@@ -19,7 +19,9 @@ from meshlet.api.endpoints import Endpoint, EndpointSet
 
 __all__ = ["RESOLVE_TIMEOUT", "Balancer", "Fixed", "Target"]
 
-RESOLVE_TIMEOUT = 5.0  # how long a request waits for discovery's first answer
+# How long a request waits for discovery's first answer, or for an endpoint when a
+# destination has none (then 503): the fail-fast timeout.
+RESOLVE_TIMEOUT = 3.0
 
 
 class Target(abc.ABC):

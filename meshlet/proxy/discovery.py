@@ -3,8 +3,8 @@
 Rules:
 1. A destination (`host:port`) is watched from its first use, not before: a proxy's
    memory grows with the destinations it talks to, not with the mesh.
-2. Until the first answer a destination is `pending`: requests wait (bounded by
-   `RESOLVE_TIMEOUT`, then 503). `not_found` means the mesh does not know the name:
+2. Until the first answer, and while it has no usable endpoint, a destination is
+   `pending`: requests wait (bounded by `RESOLVE_TIMEOUT`, then 503 `no_endpoints`). `not_found` means the mesh does not know the name:
    the destination becomes the name itself, resolved by DNS and proxied unmeshed.
 3. Fail static: when the control plane is unreachable, every destination keeps its last
    good endpoints; the watch reconnects with backoff (0.25 s doubling to 10 s, jittered)
@@ -144,6 +144,16 @@ class Destination(Balancer):
         self.watch: Watch | None = None
         self.last_used = 0.0
 
+    def update(self, es: EndpointSet | None, opaque_ports: frozenset[int]) -> None:
+        super().update(es, opaque_ports)
+        # No usable endpoint (none ready yet, or all drained): requests wait for one,
+        # up to the fail-fast timeout, instead of failing at once.
+        self.pending = not self._live
+        if self._live:
+            self.ready.set()
+        else:
+            self.ready.clear()
+
     async def wait_ready(self, timeout: float) -> bool:
         try:
             await asyncio.wait_for(self.ready.wait(), timeout)
@@ -210,10 +220,9 @@ class DiscoveryClient:
             d.update(EndpointSet(d.name, "dns", (Endpoint(d.host, d.port),), False),
                      opaque_ports)
             d.state = DNS
-        elif kind != EVENT_UNCHANGED:
-            return
-        d.pending = False
-        d.ready.set()
+        elif kind == EVENT_UNCHANGED and d.state == PENDING:
+            log.warning("destination %s: the control plane says unchanged before any "
+                        "snapshot", d.name)
 
     def watch_policy(self, on_policy: Callable[[dict[str, Any] | None], None]) -> None:
         def on_event(e: dict[str, Any]) -> None:

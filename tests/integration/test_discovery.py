@@ -106,10 +106,26 @@ def test_discovery_mtls_and_pushed_edits(backend: HttpBackend, tmp_path: Path) -
         # An edit takes the endpoint out: pushed, within a second.
         t0 = time.monotonic()
         write_mesh(mesh_file, mesh([f"127.0.0.1:{b.inbound_port}"], ready=False))
-        eventually(lambda: http_request(port, path="/y").status == 503, timeout=3)
-        assert time.monotonic() - t0 < 1.5
+
+        def endpoints() -> list[Any]:
+            d = a.admin_get("/config").json()["discovery"]["destinations"]["web:80"]
+            return d["endpoints"]  # type: ignore[no-any-return]
+
+        eventually(lambda: endpoints() == [], timeout=3, interval=0.05)
+        assert time.monotonic() - t0 < 1.0
+        # With no endpoint, a request waits (fail-fast timeout, 3 s), then gets 503.
+        t0 = time.monotonic()
         r = http_request(port, path="/y")
-        assert r.header("meshlet-proxy-error") == "no_endpoints"
+        assert (r.status, r.header("meshlet-proxy-error")) == (503, "no_endpoints")
+        assert 2.5 < time.monotonic() - t0 < 4.5
+        # ...and one that is waiting when the endpoint comes back goes through.
+        done: list[int] = []
+        t = threading.Thread(target=lambda: done.append(http_request(port, path="/w").status))
+        t.start()
+        time.sleep(0.3)
+        write_mesh(mesh_file, mesh([f"127.0.0.1:{b.inbound_port}"]))
+        t.join(5)
+        assert done == [200]
         # A corrupt edit is refused with its line; the last good state stays.
         write_mesh(mesh_file, mesh([f"127.0.0.1:{b.inbound_port}"]))
         eventually(lambda: http_request(port, path="/z").status == 200, timeout=3)
