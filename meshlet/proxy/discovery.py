@@ -4,8 +4,9 @@ Rules:
 1. A destination (`host:port`) is watched from its first use, not before: a proxy's
    memory grows with the destinations it talks to, not with the mesh.
 2. Until the first answer, and while it has no usable endpoint, a destination is
-   `pending`: requests wait (bounded by `RESOLVE_TIMEOUT`, then 503 `no_endpoints`). `not_found` means the mesh does not know the name:
-   the destination becomes the name itself, resolved by DNS and proxied unmeshed.
+   `pending`: requests wait (bounded by `RESOLVE_TIMEOUT`, then 503 `no_endpoints`).
+   `not_found` means the mesh does not know the name: the destination becomes the name
+   itself, resolved by DNS and proxied unmeshed.
 3. Fail static: when the control plane is unreachable, every destination keeps its last
    good endpoints; the watch reconnects with backoff (0.25 s doubling to 10 s, jittered)
    and resumes from its version, so an unchanged resource costs one short line.
