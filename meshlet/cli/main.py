@@ -39,7 +39,7 @@ def _proxy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def _control_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c = sub.add_parser(
         "control",
-        help="run the control plane (identity), or manage it",
+        help="run the control plane (identity, discovery, policy), or manage it",
         description="Run the meshlet control plane. Every flag has a MESHLET_* variable.",
     )
     for flag, var, default, text in control_settings_help():
@@ -68,6 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _up_flags(u)
     d = sub.add_parser("demo", help="`meshlet up` on the bundled example (examples/shop)")
     _up_flags(d)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] != ["proxy"]:  # the sidecar does not pay for the stat module (RSS)
+        from meshlet.cli.stat import add_parsers as _stat_parsers
+
+        _stat_parsers(sub)
     args = parser.parse_args(argv)
     if args.command == "proxy":
         return _run_proxy(args)
@@ -79,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = args.mesh_file if args.command == "up" else _bundled_example()
         color = True if args.color == "always" else False if args.color == "never" else None
         return run_up(path, args.state_dir, color, args.proxy_log_level)
+    if args.command in ("stat", "check"):
+        from meshlet.cli.stat import run as run_stat
+
+        return run_stat(args)
     parser.error(f"unknown command {args.command}")  # pragma: no cover
     return 2  # pragma: no cover
 
