@@ -56,9 +56,14 @@ class Accepted(asyncio.Protocol):
     def _begin(self) -> None:
         ctx = self.ctx
         if ctx.target.opaque:
-            start_relay(ctx, self.transport, b"")
+            buf, self.buf = self.buf, b""
+            start_relay(ctx, self.transport, buf)
             return
         self.timer = ctx.loop.call_later(ctx.cfg.detect_timeout, self._timeout)
+        if self.buf:  # read while waiting for discovery
+            proto = detect(self.buf)
+            if proto is not None:
+                self._hand_off(proto, self.buf)
 
     async def _after_resolve(self) -> None:
         await self.ctx.target.wait_ready(RESOLVE_TIMEOUT)
@@ -70,6 +75,13 @@ class Accepted(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf + data if self.buf else data
+        if self.waiting:
+            # uvloop may deliver data although reading was paused in connection_made;
+            # pausing from here holds, so the buffer stays bounded.
+            self.buf = buf
+            if len(buf) > 65536:
+                self.transport.pause_reading()
+            return
         proto = detect(buf)
         if proto is None:
             self.buf = buf

@@ -240,3 +240,31 @@ def test_unreachable_app_makes_proxy_not_ready(tmp_path: Path) -> None:
         assert f"app 127.0.0.1:{dead} unreachable" in r.body.decode(), r.body
         with HttpBackend() as be:  # noqa: F841 - a new app on another port: still down
             assert p.admin_get("/ready").status == 503
+
+
+def test_opaque_connection_waits_for_an_endpoint(tmp_path: Path) -> None:
+    """A TCP client that connects (and sends) before its destination has an endpoint is
+    held, then relayed once one appears."""
+    from helpers import TcpServer, connect
+
+    with TcpServer(mode="banner", banner=b"") as echo:
+        mesh_file = tmp_path / "mesh.yaml"
+        text = ("services:\n  - name: echo\n    ports: [{port: 7000, protocol: opaque}]\n"
+                "    workloads: [{address: \"127.0.0.1:%d\", ready: %s}]\n"
+                "    meshed: false\n")
+        write_mesh(mesh_file, text % (echo.port, "false"))
+        gen = start_control(tmp_path / "control", mesh_file=mesh_file)
+        control = next(gen)
+        try:
+            with ProxyProcess(outbound={"echo:7000": "/opaque"}, ready_timeout=15,
+                              env=proxy_env(control, tmp_path / "a", "client")) as a:
+                s = connect(a.outbound["echo:7000"])
+                s.sendall(b"early bytes")
+                time.sleep(0.5)
+                write_mesh(mesh_file, text % (echo.port, "true"))
+                s.settimeout(5)
+                assert s.recv(100) == b"early bytes"
+                s.close()
+        finally:
+            with contextlib.suppress(StopIteration):
+                next(gen)
