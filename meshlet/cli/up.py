@@ -8,8 +8,11 @@ ingress sidecar per `expose`d service), then the apps. No root: every listener i
 How apps find each other: each app gets `HTTP_PROXY` (and `http_proxy`) pointing at its
 sidecar's outbound HTTP proxy listener, so `http://reviews:8080/...` from any HTTP client
 that honours the variable (urllib, requests, curl, Go's net/http, ...) goes through the
-mesh: discovery, balancing, mTLS. `NO_PROXY` keeps localhost direct. The app listens on
-127.0.0.1:$PORT; `$REPLICA` is its replica number.
+mesh: discovery, balancing, mTLS. `NO_PROXY` keeps localhost direct. For opaque (TCP)
+service ports, which no proxy variable covers, the sidecar gets one local listener per
+port and the app gets its address the way Kubernetes names it:
+`<NAME>_SERVICE_HOST` and `<NAME>_SERVICE_PORT` (and `<NAME>_SERVICE_PORT_<PORT>`).
+The app listens on 127.0.0.1:$PORT; `$REPLICA` is its replica number.
 
 Rules:
 1. Apps and sidecars that exit are restarted with backoff (1 s doubling to 30 s; reset
@@ -119,6 +122,7 @@ class Replica:
     proxy: Child | None = None
     app: Child | None = None
     ready: bool = False
+    tcp: dict[str, int] = dataclasses.field(default_factory=dict)  # "svc.ns:port" -> local
 
     @property
     def name(self) -> str:
@@ -310,6 +314,21 @@ class Up:
             color = next(self._colors)
             env = self.proxy_env(r.identity, f"{r.name}.token", r.admin_port)
             env["MESHLET_OUTBOUND_PROXY_LISTEN_ADDR"] = f"127.0.0.1:{r.http_proxy_port}"
+            tcp_env: dict[str, str] = {}
+            binds = []
+            for s in self.mesh.services:
+                oports = [p.port for p in s.ports if p.protocol == "opaque"]
+                var = s.name.upper().replace("-", "_")
+                for port in oports:
+                    local = _free_port()
+                    r.tcp[f"{s.fqn}:{port}"] = local
+                    binds.append(f"127.0.0.1:{local}={s.fqn}:{port}/opaque")
+                    tcp_env[f"{var}_SERVICE_PORT_{port}"] = str(local)
+                    if port == oports[0]:
+                        tcp_env[f"{var}_SERVICE_HOST"] = "127.0.0.1"
+                        tcp_env[f"{var}_SERVICE_PORT"] = str(local)
+            if binds:
+                env["MESHLET_OUTBOUND_LISTENERS"] = ",".join(binds)
             if r.inbound_port is not None:
                 env["MESHLET_INBOUND_LISTEN_ADDR"] = f"127.0.0.1:{r.inbound_port}"
                 env["MESHLET_APP_ADDR"] = f"127.0.0.1:{r.app_port}"
@@ -328,7 +347,7 @@ class Up:
             app_env = {**self.base_env(), "HTTP_PROXY": hp, "http_proxy": hp,
                        "NO_PROXY": "localhost,127.0.0.1,::1",
                        "no_proxy": "localhost,127.0.0.1,::1",
-                       "REPLICA": str(r.index), **dict(run.env)}
+                       "REPLICA": str(r.index), **tcp_env, **dict(run.env)}
             if r.app_port is not None:
                 app_env["PORT"] = str(r.app_port)
             r.app = self.child(r.name, argv, app_env, "app", color)
@@ -435,6 +454,7 @@ class Up:
                 "inbound": f"127.0.0.1:{r.inbound_port}" if r.inbound_port else None,
                 "admin": f"127.0.0.1:{r.admin_port}",
                 "http_proxy": f"127.0.0.1:{r.http_proxy_port}",
+                "tcp": {k: f"127.0.0.1:{v}" for k, v in r.tcp.items()},
                 "app_pid": pid(r.app), "proxy_pid": pid(r.proxy)} for r in self.replicas],
             "ingress": [{"service": g.service.name, "listen": f"127.0.0.1:{g.listen}",
                          "admin": f"127.0.0.1:{g.admin_port}", "proxy_pid": pid(g.proxy)}

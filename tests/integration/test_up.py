@@ -169,3 +169,55 @@ def test_up_refuses_a_bad_mesh_file(tmp_path: Path) -> None:
                         str(tmp_path / "s")], capture_output=True, timeout=30)
     assert r.returncode == 64
     assert f"{mesh}:3: services[0].run.command: must not be empty" in r.stderr.decode()
+
+
+ECHO = """\
+import os, socket
+srv = socket.create_server(("127.0.0.1", int(os.environ["PORT"])))
+while True:
+    c, _ = srv.accept()
+    with c:
+        while data := c.recv(65536):
+            c.sendall(data)
+"""
+
+CLIENT = """\
+import os, socket, time
+addr = (os.environ["ECHO_SERVICE_HOST"], int(os.environ["ECHO_SERVICE_PORT"]))
+while True:
+    try:
+        with socket.create_connection(addr, timeout=5) as s:
+            s.sendall(b"ping over tcp")
+            print("got:", s.recv(100).decode(), flush=True)
+    except OSError as e:
+        print("error:", e, flush=True)
+    time.sleep(0.5)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_up_opaque_tcp_service(tmp_path: Path) -> None:
+    (tmp_path / "echo.py").write_text(ECHO)
+    (tmp_path / "client.py").write_text(CLIENT)
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text("services:\n"
+                    "  - name: echo\n    ports: [{port: 7000, protocol: opaque}]\n"
+                    "    policy: {default: all-authenticated}\n"
+                    "    run: {command: python echo.py}\n"
+                    "  - name: client\n    run: {command: python client.py}\n")
+    state = tmp_path / "state"
+    up = UpProcess(mesh, state)
+    try:
+        up.wait_line("got: ping over tcp", timeout=60)
+        info = json.loads((state / "up.json").read_text())
+        echo = next(r for r in info["replicas"] if r["service"] == "echo")
+        admin = int(echo["admin"].rpartition(":")[2])
+        m = parse_metrics(http_request(admin, path="/metrics").body.decode())
+        # Opaque TCP over mTLS, with the client's identity.
+        assert metric(m, "tcp_open_total", direction="inbound", peer="src", tls="true",
+                      client_id="spiffe://cluster.local/ns/default/sa/client") > 0
+    finally:
+        up.proc.send_signal(signal.SIGTERM)
+        rc = up.proc.wait(30)
+        up.reader.join(5)
+    assert rc == 0, up.text()
