@@ -8,8 +8,6 @@ produce it; the JSON form (`to_json`) is what travels.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from typing import Any
 
 __all__ = ["API_VERSION", "Endpoint", "EndpointSet", "EndpointsFileError", "content_version"]
@@ -80,6 +78,9 @@ class EndpointSet:
 def content_version(obj: Any) -> str:
     """A version that depends only on content: a restarted control plane with the same
     mesh gives the same versions, so resuming proxies are told "unchanged"."""
+    import hashlib  # not at import time: `_hashlib` costs a standalone proxy ~0.8 MB RSS
+    import json
+
     raw = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(raw).hexdigest()[:16]
 

@@ -11,6 +11,7 @@ import signal
 import ssl
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -268,3 +269,13 @@ def test_opaque_connection_waits_for_an_endpoint(tmp_path: Path) -> None:
         finally:
             with contextlib.suppress(StopIteration):
                 next(gen)
+
+
+def test_watches_need_a_mesh_certificate(control: Control) -> None:
+    ctx = ssl.create_default_context(cadata=control.anchors.decode())
+    for path in ("/v1/watch/endpoints?name=web:80", "/v1/watch/policy"):
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            urllib.request.urlopen(f"https://127.0.0.1:{control.port}{path}", context=ctx,
+                                   timeout=5)
+        assert ei.value.code == 401
+        assert b"mesh client certificate" in ei.value.read()
