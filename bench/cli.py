@@ -22,15 +22,18 @@ from typing import Any
 from bench import report
 from bench.backend import start_nginx, start_sink
 from bench.common import LOAD_CORE, MIB, PROXY_CORE, BenchError
+from bench.controlscale import CTRL, FULL, QUICK, target_lines
 from bench.loadgen import hey_argv, wrk_argv
 from bench.machine import idle_check, idle_problems, machine_info
 from bench.mesh import make_pki, start_control
 from bench.procs import stop_all
 from bench.scenarios import (
+    DEFAULT_SCENARIOS,
     H1,
     HANDSHAKE_THREADS,
     MTLS,
     SCENARIO_NAMES,
+    SINGLE_SYSTEM,
     TCP,
     Backends,
     Settings,
@@ -65,7 +68,7 @@ def parse_args(argv: list[str] | None) -> Options:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="short runs, whole run < 90 s")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every raw figure here")
-    p.add_argument("--scenarios", type=_csv(SCENARIO_NAMES), default=list(SCENARIO_NAMES))
+    p.add_argument("--scenarios", type=_csv(SCENARIO_NAMES), default=list(DEFAULT_SCENARIOS))
     p.add_argument("--systems", type=_csv(SYSTEM_NAMES), default=list(SYSTEM_NAMES))
     p.add_argument("--reps", type=int, help="repetitions (default 3; --quick: 1)")
     p.add_argument("--keep-workdir", action="store_true", help="keep configs and logs")
@@ -87,6 +90,7 @@ def settings_for(quick: bool) -> Settings:
             mesh_wrk_seconds=3,
             mesh_hey_seconds=3,
             handshake_seconds=2,
+            control_scale=QUICK,
         )
     return Settings(
         wrk_seconds=15,
@@ -97,6 +101,7 @@ def settings_for(quick: bool) -> Settings:
         mesh_wrk_seconds=15,
         mesh_hey_seconds=15,
         handshake_seconds=10,
+        control_scale=FULL,
     )
 
 
@@ -108,10 +113,11 @@ def rotated(systems: list[str], rep: int) -> list[str]:
 # ---- environment ----------------------------------------------------------------
 
 
-def check_machine() -> None:
+def check_machine(scenarios: list[str]) -> None:
     if (os.cpu_count() or 0) < 2:
         raise BenchError("needs at least 2 CPUs (proxy on core 0, load on core 1)")
-    missing = [t for t in ("taskset", "wrk", "hey", "nginx") if not shutil.which(t)]
+    tools = ("taskset", "wrk", "hey", "nginx") if set(scenarios) - {CTRL} else ("taskset",)
+    missing = [t for t in tools if not shutil.which(t)]
     if missing:
         raise BenchError(f"missing tools: {', '.join(missing)}")
     os.sched_setaffinity(0, {LOAD_CORE})  # keep the harness itself off the proxy core
@@ -167,6 +173,12 @@ def progress(trial: Trial, reps: int) -> None:
             f"p99 {f['p99_ms']:.2f} ms, {f['hs_per_s']:,.0f} handshakes/s, "
             f"B {f['hs_cpu_us']:.0f} µs/handshake"
         )
+    elif trial.scenario == CTRL:
+        detail = (
+            f"control load {f['control_load_s']:.2f} s, RSS {f['control_rss_mb']:.0f} MiB; "
+            f"update p50/p99 {f['prop_p50_ms']:.0f}/{f['prop_p99_ms']:.0f} ms; "
+            f"proxy RSS growth {f['proxy_rss_growth_kib']:+.0f} KiB"
+        )
     else:
         detail = f"{f['mb_per_s']:,.0f} MiB/s, {f['cpu_us_per_mb']:.0f} µs/MiB"
     print(f"{head} {detail}  ({trial.raw.get('trial_seconds', 0):.0f}s)", file=sys.stderr)
@@ -179,6 +191,9 @@ def run_trials(opts: Options, settings: Settings, workdir: Path) -> list[Trial]:
         order = rotated(opts.systems, rep)
         for scenario in opts.scenarios:
             for position, system in enumerate(order):
+                only = SINGLE_SYSTEM.get(scenario)
+                if only is not None and (system != only or rep > 0):
+                    continue  # e.g. control-scale: meshlet only, its repetitions inside
                 trial = Trial(rep=rep, scenario=scenario, system=system, position=position)
                 trials.append(run_trial(trial, settings, backends, workdir))
                 progress(trial, opts.reps)
@@ -209,6 +224,8 @@ def build_document(
             f"--seconds {settings.handshake_seconds} (fresh mTLS 1.3 connections to B)",
             "mtls_cpu_rss": "sum of proxy A and proxy B (each also in figures *_a / *_b)",
             "aggregate": "median over reps (error counts: sum); systems rotated each rep",
+            "control_scale": "meshlet only, once per run (repetitions inside); control "
+            "on core 0, proxies and harness on core 1; see bench/controlscale.py",
         },
         "summary": summary,
         "ratios": report.ratios(summary),
@@ -228,11 +245,15 @@ def render(doc: dict[str, Any], opts: Options, settings: Settings) -> str:
         f"wrk -d{settings.mesh_wrk_seconds}s, hey -z {settings.mesh_hey_seconds}s, "
         f"{settings.handshake_seconds} s of new mTLS connections to B"
         f"{' (--quick; full run: 15 s, 15 s, 10 s)' if opts.quick else ''}; {n}",
+        CTRL: _ctrl_title(settings, opts.quick),
     }
-    parts = [
-        report.table(s, doc["summary"], opts.systems, doc["ratios"], titles[s])
-        for s in opts.scenarios
-    ]
+    parts = []
+    for s in opts.scenarios:
+        systems = [SINGLE_SYSTEM[s]] if s in SINGLE_SYSTEM else opts.systems
+        parts.append(report.table(s, doc["summary"], systems, doc["ratios"], titles[s]))
+        if s == CTRL:
+            figures = {k: c["value"] for k, c in doc["summary"][s].get("meshlet", {}).items()}
+            parts[-1] += "".join(f"\ntarget: {line}" for line in target_lines(figures))
     versions = ", ".join(f"{k} {v}" for k, v in doc["versions"].items())
     m = doc["machine"]
     parts.append(
@@ -252,6 +273,17 @@ def render(doc: dict[str, Any], opts: Options, settings: Settings) -> str:
     return "\n\n".join(parts)
 
 
+def _ctrl_title(settings: Settings, quick: bool) -> str:
+    c = settings.control_scale
+    return (
+        f"== control-scale (meshlet only, once): N = {c.services:,} services x 3 workloads, "
+        f"P = {c.proxies} proxies on svc-0..9, {c.rounds} rounds per mesh size, "
+        f"{c.load_reps} fresh control start(s), {c.reload_edits} edits, "
+        f"{c.rss_reps} RSS proxy(ies){' (--quick)' if quick else ''}; control on core "
+        f"{PROXY_CORE}, proxies and harness on core {LOAD_CORE}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     settings = settings_for(opts.quick)
@@ -264,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="meshlet-bench-"))
     try:
         with cleanup_on_signals():
-            check_machine()
+            check_machine(opts.scenarios)
             meta["idle_check"] = idle_check()
             trials = run_trials(opts, settings, workdir)
     except BenchError as exc:

@@ -6,6 +6,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from bench.controlscale import CTRL
 from bench.scenarios import H1, MTLS, TCP, Trial
 
 Agg = Literal["median", "sum"]
@@ -109,6 +110,43 @@ METRICS: dict[str, tuple[Metric, ...]] = {
         Metric("cpu_util_pct", "proxy CPU % during transfer", "{:.0f}", ratio=False),
         Metric("rss_idle_mb", "RSS idle, MiB", "{:.1f}"),
         Metric("rss_max_mb", "RSS during transfer (max), MiB", "{:.1f}"),
+    ),
+    CTRL: tuple(
+        Metric(key, label, fmt, ratio=False)
+        for key, label, fmt in (
+            ("control_load_s", "control spawn → status: N svc, s", "{:.2f}"),
+            ("control_load_log_s", "  … → its 'mesh file' log line, s", "{:.2f}"),
+            ("control_load_cpu_s", "  control CPU for start+load, s", "{:.2f}"),
+            ("control_rss_mb", "control RSS, N svc loaded, MiB", "{:.1f}"),
+            ("control_load_small_s", "control spawn → status: 10 svc, s", "{:.2f}"),
+            ("control_rss_small_mb", "control RSS, 10 svc, MiB", "{:.1f}"),
+            ("parse_inproc_s", "parse N svc file in-process, s", "{:.2f}"),
+            ("parse_inproc_nogc_s", "  the same with gc disabled, s", "{:.2f}"),
+            ("reload_s", "reload: edit → status shows it, s", "{:.2f}"),
+            ("reload_log_s", "  edit → 'reloaded' log line, s", "{:.2f}"),
+            ("reload_cpu_s", "  control CPU per reload, s", "{:.2f}"),
+            ("control_rss_reloaded_mb", "control RSS after reloads, MiB", "{:.1f}"),
+            ("control_hwm_mb", "control peak RSS (VmHWM), MiB", "{:.1f}"),
+            ("fleet_start_s", "P proxies ready + resolved, s", "{:.0f}"),
+            ("proxy_rss_mb", "fleet proxy RSS (median), MiB", "{:.1f}"),
+            ("control_subscriptions", "control watches with the fleet", "{:.0f}"),
+            ("control_rss_fleet_mb", "control RSS with the fleet, MiB", "{:.1f}"),
+            ("prop_p50_ms", "edit → P proxies, N svc: p50 ms", "{:,.0f}"),
+            ("prop_p99_ms", "  p99 ms", "{:,.0f}"),
+            ("prop_max_ms", "  max ms", "{:,.0f}"),
+            ("prop_control_ms", "  edit → control applied (med) ms", "{:,.0f}"),
+            ("prop_fanout_p99_ms", "  control applied → proxy p99 ms", "{:,.0f}"),
+            ("prop_n", "  samples (proxies x rounds)", "{:.0f}"),
+            ("prop_small_p50_ms", "edit → P proxies, 10 svc: p50 ms", "{:,.0f}"),
+            ("prop_small_p99_ms", "  p99 ms", "{:,.0f}"),
+            ("prop_small_max_ms", "  max ms", "{:,.0f}"),
+            ("prop_small_control_ms", "  edit → control applied (med) ms", "{:,.0f}"),
+            ("prop_small_fanout_p99_ms", "  control applied → proxy p99 ms", "{:,.0f}"),
+            ("proxy_rss_before_mb", "proxy RSS, uses 3 of 10 svc, MiB", "{:.2f}"),
+            ("proxy_rss_after_mb", "proxy RSS, uses 3 of N svc, MiB", "{:.2f}"),
+            ("proxy_rss_growth_kib", "proxy RSS growth 10 → N svc, KiB", "{:+,.0f}"),
+            ("proxy_rss_drift_kib", "  idle drift over 2 s before, KiB", "{:+,.0f}"),
+        )
     ),
 }
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from bench.backend import NGINX_BODY
 from bench.common import LOAD_CORE, LOOPBACK, MIB, REPO_ROOT, BenchError
+from bench.controlscale import CTRL, FULL, ScaleSettings, run_control_scale
 from bench.loadgen import hey_argv, parse_bulk, parse_hey, parse_wrk, wrk_argv
 from bench.mesh import CLIENT, PAIR_BUILDERS, SERVER, Mesh, Pair, final_state, spiffe_uri
 from bench.mesh import verify_mtls as _verify_mtls
@@ -22,7 +23,9 @@ from bench.tcpbulk import transfer
 H1 = "h1-one-proxy"
 TCP = "tcp-bulk"
 MTLS = "h1-mesh-mtls"
-SCENARIO_NAMES = (H1, TCP, MTLS)
+DEFAULT_SCENARIOS = (H1, TCP, MTLS)  # control-scale only when asked for (meshlet only)
+SCENARIO_NAMES = (*DEFAULT_SCENARIOS, CTRL)
+SINGLE_SYSTEM = {CTRL: "meshlet"}  # scenarios run for one system only, in rep 1 only
 HANDSHAKE_THREADS = 4
 IDLE_SETTLE_S = 1.0
 WARMUP_CONNS = 4
@@ -39,6 +42,7 @@ class Settings:
     mesh_wrk_seconds: int  # h1-mesh-mtls (shorter with --quick to keep it < 90 s)
     mesh_hey_seconds: int
     handshake_seconds: int
+    control_scale: ScaleSettings = FULL
 
 
 @dataclass(frozen=True)
@@ -348,7 +352,12 @@ def run_mtls(ctx: TrialContext) -> None:
         _finish_side(ctx, "b", proxy_b)
 
 
-RUNNERS: dict[str, Callable[[TrialContext], None]] = {H1: run_h1, TCP: run_tcp, MTLS: run_mtls}
+RUNNERS: dict[str, Callable[[TrialContext], None]] = {
+    H1: run_h1,
+    TCP: run_tcp,
+    MTLS: run_mtls,
+    CTRL: run_control_scale,
+}
 
 
 def run_trial(trial: Trial, settings: Settings, backends: Backends, workdir: Path) -> Trial:

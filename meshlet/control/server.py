@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gc
 import json
 import logging
 import os
@@ -89,7 +90,13 @@ class ControlPlane:
         return self._load(self.cfg.mesh_file)  # errors stop the start-up
 
     def _load(self, path: str) -> Mesh:
-        mesh = load_mesh_file(path)
+        # The parse makes ~1M short-lived objects without cycles: with the cyclic GC on it
+        # takes 2.4x as long (10,000 services: 1.2 s instead of 0.5 s).
+        gc.disable()
+        try:
+            mesh = load_mesh_file(path)
+        finally:
+            gc.enable()
         if mesh.trust_domain is not None and mesh.trust_domain != self.cfg.trust_domain:
             raise MeshFileError([f"{path}:1: trust_domain: {mesh.trust_domain!r} is not "
                                  f"the control plane's ({self.cfg.trust_domain!r}; set "
