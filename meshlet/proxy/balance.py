@@ -27,17 +27,24 @@ RESOLVE_TIMEOUT = 3.0
 class Target(abc.ABC):
     """Base: something that picks an endpoint."""
 
-    __slots__ = ("name", "opaque", "pending")
+    __slots__ = ("name", "opaque", "pending", "unresolved")
 
     def __init__(self, name: str, opaque: bool) -> None:
         self.name = name
         self.opaque = opaque
-        # True until discovery first answers (`meshlet.proxy.discovery.Destination`).
+        # True while there is no usable endpoint and waiting may bring one
+        # (`meshlet.proxy.discovery.Destination`); `unresolved`: discovery has not
+        # answered at all yet, so even whether the target is opaque is unknown.
         self.pending = False
+        self.unresolved = False
 
     async def wait_ready(self, timeout: float) -> bool:
         """Wait until not pending (at most `timeout`); False if still pending."""
         return not self.pending
+
+    async def wait_resolved(self, timeout: float) -> bool:
+        """Wait until discovery has answered (at most `timeout`)."""
+        return not self.unresolved
 
     @abc.abstractmethod
     def pick(self, exclude: Endpoint | None = None) -> Endpoint | None:

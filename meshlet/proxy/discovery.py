@@ -133,7 +133,7 @@ class Watch:
 class Destination(Balancer):
     """An outbound destination's endpoints, fed by its watch."""
 
-    __slots__ = ("host", "last_used", "port", "ready", "state", "watch")
+    __slots__ = ("answered", "host", "last_used", "port", "ready", "state", "watch")
 
     def __init__(self, host: str, port: int, opaque: bool) -> None:
         super().__init__(f"{host}:{port}", opaque)
@@ -141,12 +141,16 @@ class Destination(Balancer):
         self.port = port
         self.state = PENDING
         self.pending = True
-        self.ready: asyncio.Event = asyncio.Event()
+        self.unresolved = True
+        self.ready: asyncio.Event = asyncio.Event()  # set while it has a live endpoint
+        self.answered: asyncio.Event = asyncio.Event()  # set once discovery answered
         self.watch: Watch | None = None
         self.last_used = 0.0
 
     def update(self, es: EndpointSet | None, opaque_ports: frozenset[int]) -> None:
         super().update(es, opaque_ports)
+        self.unresolved = False
+        self.answered.set()
         # No usable endpoint (none ready yet, or all drained): requests wait for one,
         # up to the fail-fast timeout, instead of failing at once.
         self.pending = not self._live
@@ -158,6 +162,13 @@ class Destination(Balancer):
     async def wait_ready(self, timeout: float) -> bool:
         try:
             await asyncio.wait_for(self.ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def wait_resolved(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self.answered.wait(), timeout)
         except TimeoutError:
             return False
         return True

@@ -44,7 +44,7 @@ class Accepted(asyncio.Protocol):
             t.abort()
             return
         ctx.tcp_src.opened += 1
-        if ctx.target.pending:
+        if ctx.target.unresolved:
             # Discovery has not answered for this listener's service yet: whether it is
             # opaque is not known. Read nothing until it is (bounded).
             t.pause_reading()
@@ -66,7 +66,7 @@ class Accepted(asyncio.Protocol):
                 self._hand_off(proto, self.buf)
 
     async def _after_resolve(self) -> None:
-        await self.ctx.target.wait_ready(RESOLVE_TIMEOUT)
+        await self.ctx.target.wait_resolved(RESOLVE_TIMEOUT)
         if self.transport.is_closing():
             return
         self.waiting = False

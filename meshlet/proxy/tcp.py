@@ -15,6 +15,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from meshlet.api.endpoints import Endpoint
+from meshlet.proxy.balance import RESOLVE_TIMEOUT
 from meshlet.proxy.mtls import ALPN_TCP, open_upstream
 
 if TYPE_CHECKING:
@@ -172,16 +173,28 @@ def start_relay(ctx: ListenerCtx, transport: asyncio.Transport, first: bytes) ->
         client.pending.append(first)
     transport.pause_reading()  # until the upstream is connected
     ep = ctx.target.pick()
-    if ep is None:
-        ctx.metrics.counter("tcp_connect_errors_total", "Opaque TCP connections that found "
-                            "no upstream, by reason.",
-                            (("direction", ctx.direction), ("reason", "no_endpoints")))
-        transport.close()
+    if ep is None and not ctx.target.pending:
+        _no_endpoints(ctx, transport)
         return
     ctx.loop.create_task(_connect(ctx, client, ep))
 
 
-async def _connect(ctx: ListenerCtx, client: _Client, ep: Endpoint) -> None:
+def _no_endpoints(ctx: ListenerCtx, transport: asyncio.Transport) -> None:
+    ctx.metrics.counter("tcp_connect_errors_total", "Opaque TCP connections that found "
+                        "no upstream, by reason.",
+                        (("direction", ctx.direction), ("reason", "no_endpoints")))
+    transport.close()
+
+
+async def _connect(ctx: ListenerCtx, client: _Client, ep: Endpoint | None) -> None:
+    if ep is None:  # none yet: wait for one (fail-fast timeout)
+        await ctx.target.wait_ready(RESOLVE_TIMEOUT)
+        ep = ctx.target.pick()
+        if client.transport.is_closing():
+            return
+        if ep is None:
+            _no_endpoints(ctx, client.transport)
+            return
     attempts = min(3, max(1, len(ctx.target.endpoints())))
     for attempt in range(attempts):
         try:
