@@ -46,7 +46,7 @@ from meshlet.proxy.tcp import splice
 
 if TYPE_CHECKING:
     from meshlet.metrics.registry import HttpStats
-    from meshlet.proxy.balance import Target
+    from meshlet.proxy.balance import EpState, Target
     from meshlet.proxy.context import ListenerCtx
 
 __all__ = ["H1Downstream", "H1Upstream"]
@@ -90,6 +90,7 @@ class H1Downstream(asyncio.Protocol):
         "ctx",
         "draining",
         "ep",
+        "es",
         "override",
         "paused",
         "progress",
@@ -118,6 +119,7 @@ class H1Downstream(asyncio.Protocol):
         self.req: RequestHead | None = None
         self.req_bytes: bytes | None = None  # whole request, kept while retry is possible
         self.ep: Endpoint | None = None
+        self.es: EpState | None = None  # the balancer's state of `ep`, while in flight
         self.target: Target = ctx.target
         self.override = b""  # the head to send instead of a rewrite (router's)
         self.waited = False
@@ -177,6 +179,9 @@ class H1Downstream(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self.es is not None:
+            self.es.pending -= 1  # the client left: no verdict on the endpoint
+            self.es = None
         proxy = self.ctx.proxy
         proxy.conns.discard(self)
         self.ctx.tcp_src.closed += 1
@@ -231,7 +236,13 @@ class H1Downstream(asyncio.Protocol):
         self.waited = False
         self.req = req
         self.started = ctx.loop.time()
-        ep = ctx.fixed or target.pick()
+        ep = ctx.fixed
+        if ep is None:
+            es = target.choose()
+            if es is not None:
+                es.pending += 1
+                self.es = es
+                ep = es.ep
         # Outbound to a meshed endpoint: the metrics say tls="true" (mtls.open_upstream).
         sctx = ctx.meshed if (ep is not None and ep.identity and ctx.meshed) else ctx
         st = sctx.by_host.get(req.host) or sctx.http_stats(req.host)
@@ -312,6 +323,15 @@ class H1Downstream(asyncio.Protocol):
         if body != BODY_NONE:
             self.buf = rest[end:]
         ctx.loop.create_task(self._connect(ep, head))
+
+    def _settle(self, failed: bool, now: float = 0.0) -> None:
+        """Tell the balancer how the request to `es` went (once per pick)."""
+        es = self.es
+        if es is not None:
+            self.es = None
+            if not now:
+                now = self.ctx.loop.time()
+            self.target.observe(es, now - self.started, now, failed)
 
     def _wait_target(self, target: Target) -> None:
         """A destination discovery has not answered for yet: hold the request (reading
@@ -438,11 +458,14 @@ class H1Downstream(asyncio.Protocol):
             log.debug("connect to %s failed: %s", ep.addr, reason)
             if ctx.fixed is not None:
                 ctx.proxy.app_unreachable(reason)
+            self._settle(True)
             if attempt + 1 < attempts:
-                nxt = target.pick(exclude=ep)
-                if nxt is None:
+                es = target.choose(exclude=ep)
+                if es is None:
                     break
-                ep = self.ep = nxt
+                es.pending += 1
+                self.es = es
+                ep = self.ep = es.ep
         if up is not None and ctx.fixed is not None and ctx.proxy.app_down is not None:
             ctx.proxy.app_reachable()
         if up is None or self.state != S_CONNECT or self.transport.is_closing():
@@ -469,6 +492,8 @@ class H1Downstream(asyncio.Protocol):
         if st is not None:
             ms = self.resp_latency_ms = (self.ctx.loop.time() - self.started) * 1000.0
             st.response(status, ms)
+        if self.es is not None:
+            self._settle(status >= 500)
         self.resp_started = True
         if status == 101:
             self._tkind = T_NONE  # tunnels, like opaque TCP, have no idle timeout
@@ -580,6 +605,8 @@ class H1Downstream(asyncio.Protocol):
         self._respond_error(status, reason)
 
     def _respond_error(self, status: int, reason: str) -> None:
+        if self.es is not None:
+            self._settle(status >= 500)
         if self.state == S_CLOSED:
             return
         if self.req is not None and self.stats is not None:
@@ -799,6 +826,8 @@ class H1Upstream(asyncio.Protocol):
                 stats = down.stats
                 if stats is not None:
                     stats.response(simple, (now - down.started) * 1000.0)
+                if down.es is not None:
+                    down._settle(simple >= 500, now)
                 down.response_done(True, now)
                 return
         try:

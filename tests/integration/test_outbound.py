@@ -62,12 +62,14 @@ def counts(*backends: HttpBackend) -> list[int]:
 def test_requests_spread_over_endpoints(b1: HttpBackend, b2: HttpBackend, start_proxy: Any,
                                         keep_alive: bool) -> None:
     p = start_proxy(outbound={"web:80": ""}, endpoints=endpoints_yaml(b1.addr, b2.addr))
-    send(p, 10, keep_alive)
+    send(p, 40, keep_alive)
     c1, c2 = counts(b1, b2)
-    assert c1 + c2 == 10
-    assert c1 >= 3 and c2 >= 3, (c1, c2)
+    assert c1 + c2 == 40
+    # Both are used (a new endpoint is tried first); the split after that follows
+    # latency (peak-EWMA), so it need not be even (tests/unit/test_balance.py).
+    assert c1 >= 1 and c2 >= 1, (c1, c2)
     m = p.metrics()
-    assert metric(m, "request_total", direction="outbound", authority="web:80") == 10
+    assert metric(m, "request_total", direction="outbound", authority="web:80") == 40
 
 
 def test_endpoint_edits_move_traffic(b1: HttpBackend, b2: HttpBackend,
@@ -77,18 +79,17 @@ def test_endpoint_edits_move_traffic(b1: HttpBackend, b2: HttpBackend,
     send(p, 4)
     assert min(counts(b1, b2)) >= 1
 
-    # Remove b1: eventually everything goes to b2.
+    # Remove b1: then everything goes to b2.
     p.write_endpoints(endpoints_yaml(b2.addr))
 
-    def only_b2() -> bool:
-        before = counts(b1, b2)
-        send(p, 4)
-        after = counts(b1, b2)
-        return after[0] == before[0] and after[1] == before[1] + 4
+    def addrs() -> list[str]:
+        cfg = p.admin_get("/config").json()
+        return [e["addr"] for e in cfg["endpoints"]["web:80"]["endpoints"]]
 
-    eventually(only_b2, timeout=5, interval=0.1)
-    cfg = p.admin_get("/config").json()
-    assert [e["addr"] for e in cfg["endpoints"]["web:80"]["endpoints"]] == [b2.addr]
+    eventually(lambda: addrs() == [b2.addr], timeout=5, interval=0.1)
+    before = counts(b1, b2)
+    send(p, 8)
+    assert counts(b1, b2) == [before[0], before[1] + 8]
 
     # A bad edit is refused: the last good endpoints stay.
     p.write_endpoints(endpoints_yaml(b1.addr) + "  - addr: not-an-address\n")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Iterator
-from itertools import pairwise
 
 import pytest
 
@@ -43,19 +42,10 @@ def test_all_weight_zero_is_none() -> None:
     assert bal(Endpoint("a", 1, 0), Endpoint("b", 1, 0)).pick() is None
 
 
-def test_round_robin_over_equal_weights() -> None:
+def test_equal_weights_spread_evenly() -> None:
     b = bal(A, B, C)
-    picks = [b.pick() for _ in range(9)]
-    assert picks[:3] in ([A, B, C], [B, C, A], [C, A, B])
-    assert picks == picks[:3] * 3
-
-
-def test_round_robin_equal_non_unit_weights() -> None:
-    x, y = Endpoint("x", 1, 5), Endpoint("y", 1, 5)
-    b = bal(x, y)
-    picks = [b.pick() for _ in range(10)]
-    assert Counter(picks) == {x: 5, y: 5}
-    assert all(p != q for p, q in pairwise(picks))
+    c = Counter(b.pick() for _ in range(9000))
+    assert all(abs(c[e] - 3000) < 250 for e in (A, B, C)), c
 
 
 def test_weights_honoured_statistically() -> None:
