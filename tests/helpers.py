@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -628,6 +629,8 @@ class HttpBackend(_ThreadedServer):
     /untilclose/N      N pattern bytes with no length, delimited by closing
     /chunked/N         N pattern bytes, chunked, with a trailer
     /status/CODE       that status, no body, no length (for 204/304)
+    (any)              with `extra_delay` set: answered that much later; with
+                       `fail_rate`: that share answered 503 instead
     /closeafter        the usual answer, then close without `connection: close`
     HEAD               the usual head, no body
 
@@ -650,6 +653,9 @@ class HttpBackend(_ThreadedServer):
         self.paused = threading.Event()
         self.body_bytes = 0  # body bytes read, all requests (progress, for stall checks)
         self.sent_bytes = 0  # /bytes/ body bytes sent (progress, for stall checks)
+        self.extra_delay = 0.0  # seconds added before every answer (a slow replica)
+        self.fail_rate = 0.0  # this share of requests answered 503 (a flaky replica)
+        self.failures = 0
         super().__init__(bufsize)
 
     def _record(self, cid: int, data: bytes) -> None:
@@ -771,6 +777,13 @@ class HttpBackend(_ThreadedServer):
                 close: bool) -> bool:
         """Answer one request; False: the connection is finished."""
         conn_hdr = b"connection: close\r\n" if close else b""
+        if self.extra_delay and self._release.wait(self.extra_delay):
+            return False
+        if self.fail_rate and random.random() < self.fail_rate:
+            self.failures += 1
+            c.sendall(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n%s\r\n"
+                      % conn_hdr)
+            return True
         if path.startswith("/delay/") and self._release.wait(int(path.split("/")[2]) / 1000):
             return False
         if path == "/noanswer":

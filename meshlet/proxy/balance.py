@@ -269,5 +269,24 @@ class Balancer(Target):
     def states(self) -> tuple[EpState, ...]:
         return tuple(self._states.values())
 
+    def endpoint_views(self) -> list[dict[str, object]]:
+        """Each endpoint with what the balancer knows of it (for /config)."""
+        import time
+
+        now = time.monotonic()
+        out: list[dict[str, object]] = []
+        for e in self._eps:
+            d: dict[str, object] = dict(e.to_json())
+            st = self._states.get(e.key)
+            if st is not None:
+                d["rtt_ms"] = round(st.cost * 1000, 3) if st.stamp else None
+                d["in_flight"] = st.pending
+                d["state"] = ("ejected" if st.ejected_until > now else
+                              "probing" if st.probing else "ready")
+                if st.ejected_until > now:
+                    d["ejected_for_s"] = round(st.ejected_until - now, 2)
+            out.append(d)
+        return out
+
     def endpoints(self) -> tuple[Endpoint, ...]:
         return self._eps

@@ -178,7 +178,7 @@ class Destination(Balancer):
         return {"state": self.state, "version": self.version, "opaque": self.opaque,
                 "watch_connected": bool(w and w.connected),
                 "watch_error": w.last_error if w else None,
-                "endpoints": [e.to_json() for e in self.endpoints()]}
+                "endpoints": self.endpoint_views()}
 
 
 class DiscoveryClient:

@@ -69,6 +69,21 @@ class Proxy:
                            lambda: [((), float(self.pool.idle_count()))])
         self.metrics.gauge("process_open_connections", "Client connections open now.",
                            lambda: [((), float(self.n_conns))])
+        self.metrics.gauge("balancer_endpoints", "Endpoints of each outbound destination, "
+                           "by state (ready, or ejected by failure accrual).",
+                           self._balancer_gauge)
+
+    def _balancer_gauge(self) -> list[tuple[tuple[tuple[str, str], ...], float]]:
+        bals: dict[str, Balancer] = dict(self.balancers)
+        if self.discovery is not None:
+            for d in self.discovery.destinations.values():
+                bals.setdefault(d.name, d)
+        out: list[tuple[tuple[tuple[str, str], ...], float]] = []
+        for name, b in sorted(bals.items()):
+            n = len(b.states())
+            out.append(((("authority", name), ("state", "ready")), float(n - b.ejected)))
+            out.append(((("authority", name), ("state", "ejected")), float(b.ejected)))
+        return out
 
     # --- connection accounting --------------------------------------------------------
 
@@ -276,7 +291,7 @@ class Proxy:
                 name: {
                     "version": bal.version,
                     "opaque": bal.opaque,
-                    "endpoints": [e.to_json() for e in bal.endpoints()],
+                    "endpoints": bal.endpoint_views(),
                 }
                 for name, bal in self.balancers.items()
             },

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -114,3 +115,66 @@ def test_fixed() -> None:
     assert ep == Endpoint("127.0.0.1", 8080)
     assert f.pick(exclude=ep) == ep
     assert f.endpoints() == (ep,)
+
+
+def test_latency_aware_prefers_the_fast() -> None:
+    b = bal(A, B, C)
+    now = time.monotonic() - 0.5
+    for _ in range(50):  # B is slow
+        for e, rtt in ((A, 0.001), (B, 0.050), (C, 0.001)):
+            s = b._states[e.key]
+            s.pending += 1
+            b.observe(s, rtt, now, False)
+        now += 0.01
+    c = Counter(b.pick() for _ in range(3000))
+    assert c[B] == 0 and c[A] > 1000 and c[C] > 1000, c
+
+
+def test_in_flight_penalty_spreads_load() -> None:
+    b = bal(A, B)
+    sa, sb = b._states[A.key], b._states[B.key]
+    for s in (sa, sb):
+        s.pending += 1
+        b.observe(s, 0.001, time.monotonic(), False)
+    sa.pending = 10  # A is busy: B wins every comparison
+    assert {b.pick() for _ in range(50)} == {B}
+
+
+def test_new_endpoints_are_tried_first() -> None:
+    b = bal(A)
+    s = b._states[A.key]
+    s.pending += 1
+    b.observe(s, 0.001, 1.0, False)
+    b.update(EndpointSet("web:80", "8", (A, B)), frozenset())
+    assert b._states[A.key] is s  # what was learnt about A is kept
+    assert b.pick() == B  # never answered: costs nothing
+
+
+def test_failure_accrual_ejects_and_probes() -> None:
+    b = bal(A, B)
+    s = b._states[B.key]
+    for _ in range(Balancer.consecutive_failures - 1):
+        b.failure(s)
+    assert b.ejected == 0
+    b.failure(s)
+    assert b.ejected == 1
+    assert {b.pick() for _ in range(100)} == {A}
+    s.ejected_until = 1.0  # backoff over (monotonic time 1.0 is long past)
+    assert B in {b.pick() for _ in range(100)}
+    assert s.probing and b.ejected == 0
+    b.failure(s)  # on probation: one failure is enough, for twice as long
+    assert b.ejected == 1 and s.ejections == 2
+    s.ejected_until = 1.0
+    b.pick()
+    s.pending += 1
+    b.observe(s, 0.001, 5.0, False)  # the probe succeeded: fully back
+    assert not s.probing and s.ejections == 0 and s.fails == 0
+
+
+def test_never_below_min_ready() -> None:
+    b = bal(A, B)
+    for s in b.states():
+        for _ in range(10):
+            b.failure(s)
+    assert b.ejected == 1  # one must stay in service
+    assert b.pick() is not None
