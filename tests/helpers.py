@@ -19,11 +19,13 @@ import random
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -988,3 +990,26 @@ def start_control(state: Path, port: int | None = None, lifetime: str = "24h",
             if c.proc.poll() is None:
                 c.proc.kill()
             log.close()
+
+
+def write_mesh(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def proxy_env(control: Control, tmp: Path, account: str, **more: str) -> dict[str, str]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "anchors.pem").write_bytes(control.anchors)
+    (tmp / "token").write_text(control.token("default", account))
+    return {"MESHLET_CONTROL_ADDR": f"127.0.0.1:{control.port}",
+            "MESHLET_TRUST_ANCHORS": str(tmp / "anchors.pem"),
+            "MESHLET_IDENTITY": f"spiffe://{TD}/ns/default/sa/{account}",
+            "MESHLET_JOIN_TOKEN_FILE": str(tmp / "token"), **more}
+
+
+def control_status(c: Control) -> dict[str, Any]:
+    ctx = ssl.create_default_context(cadata=c.anchors.decode())
+    with urllib.request.urlopen(f"https://127.0.0.1:{c.port}/v1/status", context=ctx,
+                                timeout=5) as r:
+        return json.loads(r.read())  # type: ignore[no-any-return]

@@ -51,6 +51,8 @@ class EndpointSet:
     version: str  # opaque; equal versions mean equal content (`content_version`)
     endpoints: tuple[Endpoint, ...]
     opaque: bool = False  # protocol hint: skip detection, proxy raw TCP
+    # The service's HTTP routes and retry budget (`meshlet.api.routes`, JSON form), or None.
+    routes: dict[str, Any] | None = dataclasses.field(default=None, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -60,19 +62,23 @@ class EndpointSet:
             "version": self.version,
             "opaque": self.opaque,
             "endpoints": [e.to_json() for e in self.endpoints],
+            **({"routes": self.routes} if self.routes else {}),
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> EndpointSet:
         return cls(str(d["service"]), str(d["version"]),
                    tuple(Endpoint.from_json(e) for e in d["endpoints"]),
-                   bool(d.get("opaque", False)))
+                   bool(d.get("opaque", False)), d.get("routes"))
 
     @classmethod
-    def make(cls, service: str, endpoints: tuple[Endpoint, ...], opaque: bool) -> EndpointSet:
+    def make(cls, service: str, endpoints: tuple[Endpoint, ...], opaque: bool,
+             routes: dict[str, Any] | None = None) -> EndpointSet:
         """A set whose version is the hash of its content."""
-        return cls(service, content_version(
-            [service, opaque, [e.to_json() for e in endpoints]]), endpoints, opaque)
+        content: list[Any] = [service, opaque, [e.to_json() for e in endpoints]]
+        if routes:
+            content.append(routes)
+        return cls(service, content_version(content), endpoints, opaque, routes)
 
 
 def content_version(obj: Any) -> str:

@@ -39,6 +39,14 @@ import yaml
 
 from meshlet.api.endpoints import Endpoint, EndpointSet, EndpointsFileError, content_version
 from meshlet.api.endpoints_file import Checker, compose, split_addr
+from meshlet.api.routes import (
+    Backend,
+    Match,
+    RetryBudgetSpec,
+    RetryPolicy,
+    Route,
+    routes_to_json,
+)
 from meshlet.policy.authz import Policy, PolicyError, parse_policy
 
 __all__ = ["Mesh", "MeshFileError", "PortSpec", "RunSpec", "Service", "Workload",
@@ -48,6 +56,13 @@ MeshFileError = EndpointsFileError
 
 _LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}")
+_HEADER_VALUE_RE = re.compile(r"[\x20-\x7e]{0,4096}")
+_LABEL_DOTS_RE = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+# Framing and routing fields a route must not change (smuggling, loops).
+_RESERVED = frozenset(("host", "content-length", "transfer-encoding", "connection",
+                       "upgrade", "te", "trailer", "keep-alive", "expect",
+                       "proxy-connection"))
 PROTOCOLS = ("detect", "http", "opaque")
 
 
@@ -84,6 +99,8 @@ class Service:
     run: RunSpec | None
     expose: int | None
     line: int
+    routes: tuple[Route, ...] = ()
+    retry_budget: RetryBudgetSpec | None = None
 
     @property
     def fqn(self) -> str:
@@ -141,7 +158,9 @@ class Mesh:
         ident = s.identity(self.trust_domain or trust_domain)
         eps = tuple(Endpoint(w.host, w.port or port, w.weight, ident)
                     for w in s.workloads if w.ready)
-        return EndpointSet.make(f"{s.fqn}:{port}", eps, ps.protocol == "opaque")
+        routes = routes_to_json(s.routes, s.retry_budget) \
+            if (s.routes or s.retry_budget) and ps.protocol != "opaque" else None
+        return EndpointSet.make(f"{s.fqn}:{port}", eps, ps.protocol == "opaque", routes)
 
 
 def policy_json(p: Policy) -> dict[str, Any]:
@@ -219,7 +238,8 @@ def _service(c: Checker, node: yaml.Node, field: str) -> Service | None:
     if m is None:
         return None
     c.unknown(m, {"name", "namespace", "account", "ports", "opaque_ports", "protocol",
-                  "workloads", "meshed", "policy", "run", "expose"}, field)
+                  "workloads", "meshed", "policy", "run", "expose", "routes",
+                  "retry_budget"}, field)
     n_before = len(c.errors)
     if "name" not in m:
         c.err(node, f"{field}.name", "required")
@@ -281,10 +301,198 @@ def _service(c: Checker, node: yaml.Node, field: str) -> Service | None:
     expose = c.integer(m.get("expose"), f"{field}.expose", 1, 65535)
     if expose is not None and (run is None or not ports):
         c.err(m.get("expose"), f"{field}.expose", "needs `run` and a port")
+    routes: list[Route] = []
+    rnode = m.get("routes")
+    if rnode is not None and not isinstance(rnode, yaml.SequenceNode):
+        c.err(rnode, f"{field}.routes", "expected a list")
+    elif rnode is not None:
+        for j, r in enumerate(rnode.value):
+            route = _route(c, r, f"{field}.routes[{j}]", j)
+            if route is not None:
+                if any(x.name == route.name for x in routes):
+                    c.err(r, f"{field}.routes[{j}].name", f"duplicate route {route.name}")
+                routes.append(route)
+    budget = _budget(c, m["retry_budget"], f"{field}.retry_budget") \
+        if "retry_budget" in m else None
     if len(c.errors) != n_before or name is None or ns is None or account is None:
         return None
     return Service(name, ns, account, tuple(ports), tuple(workloads), meshed, policy, run,
-                   expose, node.start_mark.line + 1)
+                   expose, node.start_mark.line + 1, tuple(routes), budget)
+
+
+def _duration(c: Checker, node: yaml.Node | None, field: str, hi: float = 3600.0
+              ) -> float | None:
+    from meshlet.config import parse_duration
+
+    text = c.scalar(node, field)
+    if text is None:
+        return None
+    try:
+        v = parse_duration(text)
+    except ValueError as e:
+        c.err(node, field, str(e))
+        return None
+    if not 0 < v <= hi:
+        c.err(node, field, f"must be more than 0 and at most {hi:g}s")
+        return None
+    return v
+
+
+def _route(c: Checker, node: yaml.Node, field: str, index: int) -> Route | None:
+    m = c.mapping(node, field)
+    if m is None:
+        return None
+    c.unknown(m, {"name", "match", "timeout", "retry", "request_headers", "backends"}, field)
+    n_before = len(c.errors)
+    name = c.scalar(m.get("name"), f"{field}.name") or f"route-{index}"
+    matches: list[Match] = []
+    mnode = m.get("match")
+    if mnode is not None:
+        items = mnode.value if isinstance(mnode, yaml.SequenceNode) else [mnode]
+        for k, x in enumerate(items):
+            mt = _match(c, x, f"{field}.match[{k}]")
+            if mt is not None:
+                matches.append(mt)
+    timeout = _duration(c, m.get("timeout"), f"{field}.timeout") or 0.0
+    retry = None
+    if "retry" in m:
+        rm = c.mapping(m["retry"], f"{field}.retry") or {}
+        c.unknown(rm, {"statuses", "attempts", "per_try_timeout", "backoff"}, f"{field}.retry")
+        statuses: set[int] = set()
+        snode = rm.get("statuses")
+        if snode is not None:
+            if not isinstance(snode, yaml.SequenceNode):
+                c.err(snode, f"{field}.retry.statuses", "expected a list")
+            else:
+                for k, x in enumerate(snode.value):
+                    v = c.integer(x, f"{field}.retry.statuses[{k}]", 500, 599)
+                    if v is not None:
+                        statuses.add(v)
+        attempts = c.integer(rm.get("attempts"), f"{field}.retry.attempts", 1, 10) \
+            if "attempts" in rm else 2
+        per_try = _duration(c, rm.get("per_try_timeout"), f"{field}.retry.per_try_timeout")
+        backoff = _duration(c, rm.get("backoff"), f"{field}.retry.backoff", 10.0)
+        retry = RetryPolicy(frozenset(statuses), attempts or 2, per_try or 0.0,
+                            0.025 if backoff is None else backoff)
+    sets: list[tuple[str, str]] = []
+    adds: list[tuple[str, str]] = []
+    removes: list[str] = []
+    if "request_headers" in m:
+        hf = f"{field}.request_headers"
+        hm = c.mapping(m["request_headers"], hf) or {}
+        c.unknown(hm, {"set", "add", "remove"}, hf)
+        for kind, out in (("set", sets), ("add", adds)):
+            if kind in hm:
+                for hk, hv in (c.mapping(hm[kind], f"{hf}.{kind}") or {}).items():
+                    val = c.scalar(hv, f"{hf}.{kind}.{hk}")
+                    if not _HEADER_NAME_RE.fullmatch(hk) or hk.lower().startswith("meshlet-") \
+                            or hk.lower() in _RESERVED:
+                        c.err(hv, f"{hf}.{kind}.{hk}", "not a header name a route may change")
+                    elif val is None or not _HEADER_VALUE_RE.fullmatch(val):
+                        c.err(hv, f"{hf}.{kind}.{hk}", "invalid header value")
+                    else:
+                        out.append((hk, val))
+        rn = hm.get("remove")
+        if rn is not None:
+            if not isinstance(rn, yaml.SequenceNode):
+                c.err(rn, f"{hf}.remove", "expected a list")
+            else:
+                for x in rn.value:
+                    hname = c.scalar(x, f"{hf}.remove")
+                    if hname is None or not _HEADER_NAME_RE.fullmatch(hname) \
+                            or hname.lower() in _RESERVED:
+                        c.err(x, f"{hf}.remove",
+                              f"not a header name a route may remove: {hname!r}")
+                    else:
+                        removes.append(hname.lower())
+    backends: list[Backend] = []
+    bnode = m.get("backends")
+    if bnode is not None and not isinstance(bnode, yaml.SequenceNode):
+        c.err(bnode, f"{field}.backends", "expected a list")
+    elif bnode is not None:
+        for k, b in enumerate(bnode.value):
+            bf = f"{field}.backends[{k}]"
+            bm = c.mapping(b, bf) or {}
+            c.unknown(bm, {"service", "weight"}, bf)
+            svc = c.scalar(bm.get("service"), f"{bf}.service")
+            if svc is None:
+                c.err(b, f"{bf}.service", "required")
+                continue
+            host, _, port = svc.partition(":")
+            if not _LABEL_DOTS_RE.fullmatch(host) or (port and not port.isdigit()):
+                c.err(bm["service"], f"{bf}.service", f"{svc!r}: use NAME[.NAMESPACE][:PORT]")
+                continue
+            w = c.integer(bm.get("weight"), f"{bf}.weight", 0, 1_000_000) \
+                if "weight" in bm else 1
+            if w is not None:
+                backends.append(Backend(svc, w))
+        if backends and not sum(b.weight for b in backends):
+            c.err(bnode, f"{field}.backends", "weights must not all be 0")
+    if len(c.errors) != n_before:
+        return None
+    return Route(name, tuple(matches), timeout, retry, tuple(sets), tuple(adds),
+                 tuple(removes), tuple(backends))
+
+
+def _match(c: Checker, node: yaml.Node, field: str) -> Match | None:
+    m = c.mapping(node, field)
+    if m is None:
+        return None
+    c.unknown(m, {"path", "method", "headers"}, field)
+    kind, path = "", ""
+    if "path" in m:
+        pm = c.mapping(m["path"], f"{field}.path") or {}
+        c.unknown(pm, {"exact", "prefix", "regex"}, f"{field}.path")
+        if len(pm) != 1:
+            c.err(m["path"], f"{field}.path", "give one of exact, prefix, regex")
+        else:
+            kind, pnode = next(iter(pm.items()))
+            path = c.scalar(pnode, f"{field}.path.{kind}") or ""
+            if kind == "regex":
+                try:
+                    re.compile(path)
+                except re.error as e:
+                    c.err(pnode, f"{field}.path.regex", f"invalid regex: {e}")
+            elif not path.startswith("/"):
+                c.err(pnode, f"{field}.path.{kind}", "must start with /")
+    method = c.scalar(m.get("method"), f"{field}.method") or ""
+    if method and not re.fullmatch(r"[A-Z]{1,20}", method):
+        c.err(m.get("method"), f"{field}.method", f"invalid method {method!r}")
+    headers: list[tuple[str, str]] = []
+    if "headers" in m:
+        for k, v in (c.mapping(m["headers"], f"{field}.headers") or {}).items():
+            val = c.scalar(v, f"{field}.headers.{k}")
+            if not _HEADER_NAME_RE.fullmatch(k):
+                c.err(v, f"{field}.headers.{k}", "invalid header name")
+            elif val is not None:
+                headers.append((k.lower(), val))
+    return Match(kind, path, method, tuple(headers))
+
+
+def _budget(c: Checker, node: yaml.Node, field: str) -> RetryBudgetSpec | None:
+    m = c.mapping(node, field)
+    if m is None:
+        return None
+    c.unknown(m, {"ratio", "min_per_second", "window"}, field)
+    d = RetryBudgetSpec()
+    ratio, mps = d.ratio, d.min_per_second
+    for key in ("ratio", "min_per_second"):
+        text = c.scalar(m.get(key), f"{field}.{key}")
+        if text is None:
+            continue
+        try:
+            v = float(text)
+        except ValueError:
+            c.err(m[key], f"{field}.{key}", f"expected a number, got {text!r}")
+            continue
+        if not 0 <= v <= (10.0 if key == "ratio" else 100_000):
+            c.err(m[key], f"{field}.{key}", "out of range")
+        elif key == "ratio":
+            ratio = v
+        else:
+            mps = v
+    window = _duration(c, m.get("window"), f"{field}.window", 600.0) or d.window
+    return RetryBudgetSpec(ratio, mps, window)
 
 
 def _workload(c: Checker, node: yaml.Node, field: str) -> Workload | None:

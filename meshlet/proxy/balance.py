@@ -16,14 +16,19 @@ from bisect import bisect_right
 from itertools import accumulate
 from math import exp as _exp
 from time import monotonic as _monotonic
+from typing import TYPE_CHECKING
 
 from meshlet.api.endpoints import Endpoint, EndpointSet
 
-__all__ = ["RESOLVE_TIMEOUT", "Balancer", "EpState", "Fixed", "Target"]
+if TYPE_CHECKING:
+    from meshlet.proxy.routing import RouteTable
+
+__all__ = ["MAX_WAITERS", "RESOLVE_TIMEOUT", "Balancer", "EpState", "Fixed", "Target"]
 
 # How long a request waits for discovery's first answer, or for an endpoint when a
 # destination has none (then 503): the fail-fast timeout.
 RESOLVE_TIMEOUT = 3.0
+MAX_WAITERS = 1000  # per destination; more get 503 at once (load is shed, not queued)
 
 
 class EpState:
@@ -47,7 +52,7 @@ class EpState:
 class Target(abc.ABC):
     """Base: something that picks an endpoint."""
 
-    __slots__ = ("name", "opaque", "pending", "unresolved")
+    __slots__ = ("name", "opaque", "pending", "routes", "unresolved", "waiters")
 
     def __init__(self, name: str, opaque: bool) -> None:
         self.name = name
@@ -57,6 +62,8 @@ class Target(abc.ABC):
         # answered at all yet, so even whether the target is opaque is unknown.
         self.pending = False
         self.unresolved = False
+        self.waiters = 0  # requests waiting for an endpoint (bounded: MAX_WAITERS)
+        self.routes: RouteTable | None = None  # HTTP routes, from discovery
 
     async def wait_ready(self, timeout: float) -> bool:
         """Wait until not pending (at most `timeout`); False if still pending."""

@@ -178,7 +178,8 @@ class Destination(Balancer):
         return {"state": self.state, "version": self.version, "opaque": self.opaque,
                 "watch_connected": bool(w and w.connected),
                 "watch_error": w.last_error if w else None,
-                "endpoints": self.endpoint_views()}
+                "endpoints": self.endpoint_views(),
+                "routes": self.routes.views() if self.routes is not None else []}
 
 
 class DiscoveryClient:
@@ -223,6 +224,14 @@ class DiscoveryClient:
             es = EndpointSet.from_json(e["data"])
             d.update(es, opaque_ports)
             d.state = MESHED
+            old = d.routes.raw if d.routes is not None else None
+            if es.routes != old:
+                from meshlet.proxy.routing import RouteTable
+
+                d.routes = RouteTable(es.routes) if es.routes else None
+                for b in d.routes.backend_services() if d.routes else ():
+                    host, _, port = b.partition(":")
+                    self.destination(host, int(port) if port else d.port)  # watch now
             log.info("destination %s: %d endpoint(s) (version %s)", d.name,
                      len(es.endpoints), es.version)
         elif kind == EVENT_NOT_FOUND:

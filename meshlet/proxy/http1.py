@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import random
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -39,21 +40,25 @@ from meshlet.proto.http1 import (
     parse_response,
     rewrite_head,
 )
-from meshlet.proxy.balance import RESOLVE_TIMEOUT
+from meshlet.proxy.balance import MAX_WAITERS, RESOLVE_TIMEOUT
 from meshlet.proxy.errors import error_response
 from meshlet.proxy.mtls import ALPN_H1, PeerIdentityError, open_upstream
+from meshlet.proxy.routing import backend_target
 from meshlet.proxy.tcp import splice
 
 if TYPE_CHECKING:
     from meshlet.metrics.registry import HttpStats
     from meshlet.proxy.balance import EpState, Target
     from meshlet.proxy.context import ListenerCtx
+    from meshlet.proxy.routing import CompiledRoute, RouteTable
 
 __all__ = ["H1Downstream", "H1Upstream"]
 
 log = logging.getLogger("meshlet.http1")
 
 PIPELINE_LIMIT = 65536
+REPLAY_LIMIT = 65536  # request bytes kept for a retry; a longer request is not retried
+RETRY = b"<retry>"  # response_head's answer when the response is dropped for a retry
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 
 # Client connection states.
@@ -83,27 +88,36 @@ class H1Downstream(asyncio.Protocol):
         "_seen_progress",
         "_timer",
         "_tkind",
+        "add_lines",
         "body_framer",
         "body_left",
         "buf",
         "client_line",
         "ctx",
+        "deadline_timer",
         "draining",
         "ep",
         "es",
-        "override",
+        "line",
         "paused",
         "progress",
+        "replay",
+        "replay_size",
         "req",
         "req_bytes",
         "resp_latency_ms",
         "resp_started",
         "retried",
+        "retry_on",
+        "route",
+        "rt",
         "started",
         "state",
         "stats",
         "target",
         "transport",
+        "tries",
+        "try_timer",
         "up",
         "waited",
     )
@@ -121,8 +135,18 @@ class H1Downstream(asyncio.Protocol):
         self.ep: Endpoint | None = None
         self.es: EpState | None = None  # the balancer's state of `ep`, while in flight
         self.target: Target = ctx.target
-        self.override = b""  # the head to send instead of a rewrite (router's)
+        self.line = b""  # a start line replacing the received one (router: origin form)
+        self.add_lines = b""  # field lines added when the head is rewritten
         self.waited = False
+        # Routes (meshlet.proxy.routing): the request's route, its table, retry state.
+        self.route: CompiledRoute | None = None
+        self.rt: RouteTable | None = None
+        self.retry_on: frozenset[int] | None = None  # statuses that trigger a retry now
+        self.tries = 0
+        self.replay: list[bytes] | None = None  # the request as sent, for a retry
+        self.replay_size = 0
+        self.try_timer: asyncio.TimerHandle | None = None
+        self.deadline_timer: asyncio.TimerHandle | None = None
         self.body_left = 0
         self.body_framer: ChunkedFramer | None = None
         self.paused = 0
@@ -182,6 +206,8 @@ class H1Downstream(asyncio.Protocol):
         if self.es is not None:
             self.es.pending -= 1  # the client left: no verdict on the endpoint
             self.es = None
+        if self.route is not None:
+            self._cancel_route_timers()
         proxy = self.ctx.proxy
         proxy.conns.discard(self)
         self.ctx.tcp_src.closed += 1
@@ -225,17 +251,36 @@ class H1Downstream(asyncio.Protocol):
         router = ctx.router
         if router is not None:
             try:
-                target, self.override = router.route(req)
+                target, self.line, self.add_lines = router.route(req)
             except LocalProtocolError as e:
                 self._reject(e.status, e.reason)
                 return
-            self.target = target
+        rt = target.routes
+        route = None
+        if rt is not None:
+            route = rt.match(req)
+            if route is not None:
+                if self.waited and route.backends:
+                    target = self.target  # the backend drawn before waiting for it
+                else:
+                    svc = route.backend()
+                    if svc:  # traffic split: another service
+                        target = backend_target(target, svc, ctx.proxy.lookup)
+                if route.add_lines or route.drop:
+                    req.drop = req.drop | route.drop
+                    self.add_lines += route.add_lines
+                    req.needs_rewrite = True
+        self.target = target
         if target.pending and not self.waited:
             self._wait_target(target)
             return
         self.waited = False
         self.req = req
         self.started = ctx.loop.time()
+        if route is not None:
+            self._begin_route(route, rt)
+        elif self.route is not None:
+            self._end_route()
         ep = ctx.fixed
         if ep is None:
             es = target.choose()
@@ -286,12 +331,10 @@ class H1Downstream(asyncio.Protocol):
             if self.draining:
                 req.close = True
             # The head (maybe rewritten) and the body bytes that came with it.
-            if self.override:
-                head = self.override
-                if req.version == 10:
-                    req.close = True
-            elif req.needs_rewrite or req.version == 10:
-                head = rewrite_head(req, ctx.strip_mesh, keep_upgrade=req.upgrade is not None)
+            if req.needs_rewrite or req.version == 10:
+                head = rewrite_head(req, ctx.strip_mesh, keep_upgrade=req.upgrade is not None,
+                                    add=self.add_lines, line=self.line)
+                self.line = self.add_lines = b""
                 if req.version == 10:
                     req.close = True
             else:
@@ -313,6 +356,9 @@ class H1Downstream(asyncio.Protocol):
                 else:
                     self.body_framer = ChunkedFramer()
                 self._arm(T_STREAM, cfg.idle_timeout)
+                if self.retry_on is not None:
+                    self.replay = []  # filled as the request goes out (`_sent`)
+                    self.replay_size = 0
             pooled = ctx.pool.get(ep.key)
             if pooled is not None:
                 self._attach(pooled)
@@ -323,6 +369,140 @@ class H1Downstream(asyncio.Protocol):
         if body != BODY_NONE:
             self.buf = rest[end:]
         ctx.loop.create_task(self._connect(ep, head))
+
+    # --- routes: timeouts and retries -------------------------------------------------
+
+    def _begin_route(self, route: CompiledRoute, rt: RouteTable | None) -> None:
+        loop = self.ctx.loop
+        self._cancel_route_timers()
+        self.route = route
+        self.rt = rt
+        self.tries = 0
+        self.replay = None
+        r = route.route
+        if r.timeout:
+            self.deadline_timer = loop.call_at(self.started + r.timeout, self._on_deadline)
+        retry = r.retry
+        if retry is not None and rt is not None:
+            self.retry_on = route.retry_on
+            rt.budget.deposit(self.started)
+        else:
+            self.retry_on = None
+        self._arm_try()
+
+    def _end_route(self) -> None:
+        self._cancel_route_timers()
+        self.route = None
+        self.rt = None
+        self.retry_on = None
+        self.replay = None
+
+    def _arm_try(self) -> None:
+        route = self.route
+        if route is not None and route.route.retry is not None and \
+                route.route.retry.per_try_timeout:
+            if self.try_timer is not None:
+                self.try_timer.cancel()
+            self.try_timer = self.ctx.loop.call_later(route.route.retry.per_try_timeout,
+                                                      self._on_try_timeout)
+
+    def _cancel_route_timers(self) -> None:
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+        if self.deadline_timer is not None:
+            self.deadline_timer.cancel()
+            self.deadline_timer = None
+
+    def _keep(self, data: bytes) -> None:
+        """Keep what was sent, for a retry (up to REPLAY_LIMIT: beyond, no retry)."""
+        replay = self.replay
+        assert replay is not None
+        self.replay_size += len(data)
+        if self.replay_size > REPLAY_LIMIT:
+            self.replay = None
+            self.retry_on = None
+        else:
+            replay.append(data)
+
+    def _may_retry(self, reason: str) -> bool:
+        """Whether this exchange may be tried again now (route, attempts, whole request
+        sent and kept, nothing sent to the client); takes it from the budget."""
+        route = self.route
+        if route is None or route.route.retry is None or self.resp_started \
+                or self.state != S_WAIT or self.rt is None or self.ctx.proxy.draining:
+            return False
+        if self.req_bytes is None and (self.replay is None or self.req is None
+                                       or self.req.body == BODY_NONE):
+            return False
+        if self.tries >= route.route.retry.attempts:
+            return False
+        labels = (("authority", self.target.name), ("route", route.route.name))
+        if not self.rt.budget.try_withdraw(self.ctx.loop.time()):
+            self.ctx.metrics.counter("retry_budget_exhausted_total", "Retries not made "
+                                     "because the retry budget was spent.", labels)
+            return False
+        self.ctx.metrics.counter("request_retries_total", "Requests sent again, by route "
+                                 "and reason.", (*labels, ("reason", reason)))
+        return True
+
+    def _retry(self) -> None:
+        """Drop the current try (its connection is closed) and send the request again to
+        another endpoint after a jittered backoff."""
+        route = self.route
+        assert route is not None and route.route.retry is not None
+        self.tries += 1
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.down = None
+            up.abandon()
+        self._settle(True)
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+        self.state = S_CONNECT
+        self._pause(P_CONNECT)
+        delay = route.route.retry.backoff * (2 ** (self.tries - 1)) * random.uniform(0.5, 1.5)
+        self.ctx.loop.call_later(delay, self._resend)
+
+    def _resend(self) -> None:
+        if self.state != S_CONNECT or self.transport.is_closing():
+            return
+        target = self.target
+        es = target.choose(exclude=self.ep) or target.choose()
+        if es is None:
+            self._respond_error(503, "no_endpoints")
+            return
+        es.pending += 1
+        self.es = es
+        ep = self.ep = es.ep
+        data = self.req_bytes if self.req_bytes is not None else b"".join(self.replay or ())
+        self._arm_try()
+        pooled = self.ctx.pool.get(ep.key)
+        if pooled is not None:
+            self._attach(pooled)
+            self._unpause(P_CONNECT)
+            pooled.transport.write(data)
+            self.ctx.tcp_dst.write_bytes += len(data)
+            self.state = S_WAIT
+            return
+        self.ctx.loop.create_task(self._connect(ep, data, whole=True))
+
+    def _on_try_timeout(self) -> None:
+        self.try_timer = None
+        if self.resp_started or self.state in (S_CLOSED, S_HEAD):
+            return
+        if self._may_retry("per_try_timeout"):
+            self._retry()
+        else:
+            self._respond_error(504, "per_try_timeout")
+
+    def _on_deadline(self) -> None:
+        self.deadline_timer = None
+        if self.resp_started or self.state in (S_CLOSED, S_HEAD):
+            return
+        self._respond_error(504, "request_timeout")
 
     def _settle(self, failed: bool, now: float = 0.0) -> None:
         """Tell the balancer how the request to `es` went (once per pick)."""
@@ -336,11 +516,21 @@ class H1Downstream(asyncio.Protocol):
     def _wait_target(self, target: Target) -> None:
         """A destination discovery has not answered for yet: hold the request (reading
         paused) until it does, or until the resolve timeout; then take it up again."""
+        if target.waiters >= MAX_WAITERS:
+            self.ctx.metrics.counter("http_queue_full_total", "Requests refused because "
+                                     "too many were waiting for an endpoint.",
+                                     (("authority", target.name),))
+            self._respond_error(503, "queue_full")
+            return
         self.state = S_CONNECT
         self._pause(P_CONNECT)
 
         async def wait() -> None:
-            await target.wait_ready(RESOLVE_TIMEOUT)
+            target.waiters += 1
+            try:
+                await target.wait_ready(RESOLVE_TIMEOUT)
+            finally:
+                target.waiters -= 1
             if self.state != S_CONNECT:
                 return
             self.state = S_HEAD
@@ -367,8 +557,11 @@ class H1Downstream(asyncio.Protocol):
             n = self._body_span(rest, end)
             if n < 0:
                 return
-            up.transport.write(rest[:n] if n < len(rest) else rest)
+            out = rest[:n] if n < len(rest) else rest
+            up.transport.write(out)
             self.ctx.tcp_dst.write_bytes += n
+            if self.replay is not None:
+                self._keep(out)
             self._after_body_chunk(rest, n)
             return
         self._send_head(head, rest[end:] if len(rest) > end else b"")
@@ -379,6 +572,8 @@ class H1Downstream(asyncio.Protocol):
         assert up is not None and self.req is not None
         up.transport.write(head)
         self.ctx.tcp_dst.write_bytes += len(head)
+        if self.replay is not None:
+            self._keep(head)
         if self.req.body == BODY_NONE:
             self.state = S_WAIT
             if body:
@@ -416,8 +611,11 @@ class H1Downstream(asyncio.Protocol):
         if n < 0 or up is None:
             return
         if n:
-            up.transport.write(data if n == len(data) else data[:n])
+            out = data if n == len(data) else data[:n]
+            up.transport.write(out)
             self.ctx.tcp_dst.write_bytes += n
+            if self.replay is not None:
+                self._keep(out)
         self._after_body_chunk(data, n)
 
     def _after_body_chunk(self, data: bytes, n: int) -> None:
@@ -435,7 +633,9 @@ class H1Downstream(asyncio.Protocol):
             if not self.resp_started:
                 self._arm(T_RESPONSE, self.ctx.cfg.response_timeout)
 
-    async def _connect(self, ep: Endpoint, head: bytes) -> None:
+    async def _connect(self, ep: Endpoint, head: bytes, whole: bool = False) -> None:
+        """Connect to `ep` (or another endpoint if it fails) and send `head` (`whole`: it
+        is the entire request, a retry's replay)."""
         ctx = self.ctx
         target = self.target
         attempts = min(3, max(1, len(target.endpoints())))
@@ -476,6 +676,11 @@ class H1Downstream(asyncio.Protocol):
             return
         self._attach(up)
         self._unpause(P_CONNECT)
+        if whole:
+            up.transport.write(head)
+            ctx.tcp_dst.write_bytes += len(head)
+            self.state = S_WAIT
+            return
         buf, self.buf = self.buf, b""
         self._send_head(head, buf)
 
@@ -488,6 +693,13 @@ class H1Downstream(asyncio.Protocol):
         status = resp.status
         if status < 200 and status != 101:
             return rewrite_head(resp, False) if resp.needs_rewrite else None
+        if self.route is not None:
+            retry_on = self.retry_on
+            if retry_on is not None and status in retry_on and \
+                    self._may_retry(f"status_{status}"):
+                self._retry()
+                return RETRY
+            self._cancel_route_timers()
         st = self.stats
         if st is not None:
             ms = self.resp_latency_ms = (self.ctx.loop.time() - self.started) * 1000.0
@@ -584,6 +796,9 @@ class H1Downstream(asyncio.Protocol):
             self.transport.abort()
             return
         reason = _errno_reason(exc, "upstream") if exc is not None else "upstream_closed"
+        if self.route is not None and self._may_retry(reason):
+            self._retry()
+            return
         self._respond_error(502, reason)
 
     def upstream_error(self, status: int, reason: str) -> None:
@@ -607,6 +822,8 @@ class H1Downstream(asyncio.Protocol):
     def _respond_error(self, status: int, reason: str) -> None:
         if self.es is not None:
             self._settle(status >= 500)
+        if self.route is not None:
+            self._cancel_route_timers()
         if self.state == S_CLOSED:
             return
         if self.req is not None and self.stats is not None:
@@ -813,7 +1030,8 @@ class H1Upstream(asyncio.Protocol):
         if self.buf:
             self._heads(self.buf + data, down)
             return
-        if self.method != b"HEAD" and down.state == S_WAIT and not down.draining:
+        if self.method != b"HEAD" and down.state == S_WAIT and not down.draining \
+                and down.retry_on is None:
             # `draining` is also set when the request asked to close.
             simple = match_simple_response(data)
             if simple is not None:
@@ -866,6 +1084,8 @@ class H1Upstream(asyncio.Protocol):
                 return
             status = resp.status
             out = down.response_head(resp)
+            if out is RETRY:
+                return  # the client side has dropped this connection and tries again
             end = resp.end
             if status < 200 and status != 101:
                 # Interim (100 Continue, 103 Early Hints): pass on to 1.1 clients only.

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from meshlet.proto.http1 import LocalProtocolError, RequestHead, rewrite_head
+from meshlet.proto.http1 import LocalProtocolError, RequestHead
 
 if TYPE_CHECKING:
     from meshlet.proxy.balance import Target
@@ -33,18 +33,17 @@ _LOCAL = frozenset(("127.0.0.1", "localhost", "::1", "0.0.0.0", "::"))
 
 
 class Router:
-    __slots__ = ("discovery", "own_ports", "strip_mesh")
+    __slots__ = ("discovery", "own_ports")
 
-    def __init__(self, discovery: DiscoveryClient, strip_mesh: bool = False) -> None:
+    def __init__(self, discovery: DiscoveryClient) -> None:
         self.discovery = discovery
         self.own_ports: set[int] = set()
-        self.strip_mesh = strip_mesh
 
-    def route(self, req: RequestHead) -> tuple[Target, bytes]:
-        """The request's destination, and the head to forward instead of the received
-        one (b"": forward as received)."""
+    def route(self, req: RequestHead) -> tuple[Target, bytes, bytes]:
+        """The request's destination, and for the absolute form the start line and the
+        Host line to forward it with (b"", b"": forward the head as received)."""
         t = req.target
-        override = b""
+        line = add = b""
         if t.startswith(b"/"):
             authority = req.host
         elif t[:7].lower() == b"http://":
@@ -63,8 +62,8 @@ class Router:
             req.drop = req.drop | _DROP
             line = req.method + b" " + path + (b" HTTP/1.1\r\n" if req.version == 11
                                                else b" HTTP/1.0\r\n")
-            override = rewrite_head(req, self.strip_mesh, req.upgrade is not None,
-                                    add=b"Host: " + authority + b"\r\n", line=line)
+            add = b"Host: " + authority + b"\r\n"
+            req.target = path
             req.host = authority
             req.needs_rewrite = True
         elif req.method == b"CONNECT":
@@ -80,4 +79,4 @@ class Router:
             raise LocalProtocolError(400, "invalid_authority")
         if port in self.own_ports and host in _LOCAL:
             raise LocalProtocolError(400, "proxy_loop")
-        return self.discovery.destination(host, port), override
+        return self.discovery.destination(host, port), line, add

@@ -73,6 +73,19 @@ class Proxy:
                            "by state (ready, or ejected by failure accrual).",
                            self._balancer_gauge)
 
+    def lookup(self, host: str, port: int) -> Target:
+        """The target for `host:port` (a route's backend): discovery's destination, or
+        with an endpoints file that file's service (empty if it has none)."""
+        if self.discovery is not None:
+            return self.discovery.destination(host, port)
+        name = f"{host}:{port}"
+        bal = self.balancers.get(name)
+        if bal is None:
+            bal = Balancer(name, False)
+            bal.update(self.endpoint_sets.get(name), self.cfg.opaque_ports)
+            self.balancers[name] = bal
+        return bal
+
     def _balancer_gauge(self) -> list[tuple[tuple[tuple[str, str], ...], float]]:
         bals: dict[str, Balancer] = dict(self.balancers)
         if self.discovery is not None:

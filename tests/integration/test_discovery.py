@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import ssl
 import threading
@@ -23,22 +22,19 @@ from helpers import (
     Control,
     HttpBackend,
     ProxyProcess,
+    control_status,
     eventually,
     free_port,
     http_request,
     metric,
     parse_status,
+    proxy_env,
     raw_exchange,
     start_control,
+    write_mesh,
 )
 
 CLIENT = f"spiffe://{TD}/ns/default/sa/client"
-
-
-def write_mesh(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def mesh(web_addrs: list[str], policy: str = "", ready: bool = True) -> str:
@@ -49,23 +45,6 @@ def mesh(web_addrs: list[str], policy: str = "", ready: bool = True) -> str:
             + (f"    workloads:\n{wl}" if web_addrs else "")
             + policy
             + "  - name: client\n")
-
-
-def proxy_env(control: Control, tmp: Path, account: str, **more: str) -> dict[str, str]:
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "anchors.pem").write_bytes(control.anchors)
-    (tmp / "token").write_text(control.token("default", account))
-    return {"MESHLET_CONTROL_ADDR": f"127.0.0.1:{control.port}",
-            "MESHLET_TRUST_ANCHORS": str(tmp / "anchors.pem"),
-            "MESHLET_IDENTITY": f"spiffe://{TD}/ns/default/sa/{account}",
-            "MESHLET_JOIN_TOKEN_FILE": str(tmp / "token"), **more}
-
-
-def control_status(c: Control) -> dict[str, Any]:
-    ctx = ssl.create_default_context(cadata=c.anchors.decode())
-    with urllib.request.urlopen(f"https://127.0.0.1:{c.port}/v1/status", context=ctx,
-                                timeout=5) as r:
-        return json.loads(r.read())  # type: ignore[no-any-return]
 
 
 @contextlib.contextmanager

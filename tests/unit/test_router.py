@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from meshlet.proto.http1 import LocalProtocolError, parse_request
+from meshlet.proto.http1 import LocalProtocolError, parse_request, rewrite_head
 from meshlet.proxy.balance import Balancer
 from meshlet.proxy.router import Router
 
@@ -26,7 +26,9 @@ def route(raw: bytes, own: set[int] | None = None) -> tuple[Any, bytes, FakeDisc
     r.own_ports = own or set()
     req = parse_request(raw, 65536, 16384)
     assert req is not None
-    target, head = r.route(req)
+    target, line, add = r.route(req)
+    # The head the proxy forwards: as received, or rebuilt with the router's line.
+    head = rewrite_head(req, False, add=add, line=line) if line else b""
     return target, head, d
 
 

@@ -1,0 +1,183 @@
+"""Routes on the data path: matching a request, its backend (traffic split), header
+changes, and the retry budget. Pure: no I/O.
+
+Rules:
+1. Compiled once per discovery update (`RouteTable`); a request without routes pays one
+   attribute check.
+2. Matching looks at the request head only; header matches parse the head's fields
+   lazily, once per request.
+3. The retry budget (per destination) allows `min_per_second * window` retries plus
+   `ratio` of the requests seen in the last `window`: a failing backend can never make
+   the proxy multiply its load.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from bisect import bisect_right
+from collections.abc import Callable
+from itertools import accumulate
+from typing import TYPE_CHECKING, Any
+
+from meshlet.api.routes import RetryBudgetSpec, Route, routes_from_json
+
+if TYPE_CHECKING:
+    from meshlet.proto.http1 import RequestHead
+    from meshlet.proxy.balance import Target
+
+__all__ = ["CompiledRoute", "RetryBudget", "RouteTable", "backend_target", "head_fields"]
+
+BUCKETS = 10
+
+
+class RetryBudget:
+    __slots__ = ("_dep", "_i", "_stamp", "_wd", "min_total", "ratio", "width")
+
+    def __init__(self, spec: RetryBudgetSpec) -> None:
+        self.ratio = spec.ratio
+        self.min_total = spec.min_per_second * spec.window
+        self.width = spec.window / BUCKETS
+        self._dep = [0] * BUCKETS
+        self._wd = [0] * BUCKETS
+        self._i = 0
+        self._stamp = 0.0  # start of the current bucket
+
+    def _advance(self, now: float) -> None:
+        steps = int((now - self._stamp) / self.width)
+        if steps <= 0:
+            return
+        for _ in range(min(steps, BUCKETS)):
+            self._i = (self._i + 1) % BUCKETS
+            self._dep[self._i] = 0
+            self._wd[self._i] = 0
+        self._stamp = now
+
+    def deposit(self, now: float) -> None:
+        """A request that could be retried was sent."""
+        self._advance(now)
+        self._dep[self._i] += 1
+
+    def try_withdraw(self, now: float) -> bool:
+        """Take one retry from the budget, if there is one."""
+        self._advance(now)
+        allowed = self.min_total + self.ratio * sum(self._dep)
+        if sum(self._wd) + 1 > allowed:
+            return False
+        self._wd[self._i] += 1
+        return True
+
+
+class CompiledRoute:
+    __slots__ = (
+        "add_lines",
+        "backends",
+        "cum",
+        "drop",
+        "has_headers",
+        "matchers",
+        "retry_on",
+        "route",
+    )
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+        self.matchers: list[Callable[[RequestHead, dict[bytes, bytes] | None], bool]] = [
+            _matcher(m.path_kind, m.path, m.method, m.headers) for m in route.matches]
+        self.has_headers = any(m.headers for m in route.matches)
+        self.backends = route.backends
+        self.cum = list(accumulate(b.weight for b in route.backends))
+        lines = [f"{k}: {v}\r\n" for k, v in (*route.set_headers, *route.add_headers)]
+        self.add_lines = "".join(lines).encode("latin-1")
+        self.drop = frozenset(k.lower().encode() for k, _ in route.set_headers) | \
+            frozenset(k.encode() for k in route.remove_headers)
+        r = route.retry
+        self.retry_on: frozenset[int] | None = r.statuses if r is not None else None
+
+    def matches(self, req: RequestHead, fields: dict[bytes, bytes] | None) -> bool:
+        if not self.matchers:
+            return True
+        return any(m(req, fields) for m in self.matchers)
+
+    def backend(self) -> str:
+        """The backend service for this request ("": the destination itself)."""
+        cum = self.cum
+        if not cum:
+            return ""
+        i = bisect_right(cum, random.random() * cum[-1])
+        return self.backends[i].service
+
+
+def _matcher(kind: str, path: str, method: str, headers: tuple[tuple[str, str], ...]
+             ) -> Callable[[RequestHead, dict[bytes, bytes] | None], bool]:
+    bpath = path.encode()
+    rx = re.compile(bpath) if kind == "regex" else None
+    bmethod = method.encode()
+    bheaders = tuple((k.encode(), v.encode()) for k, v in headers)
+
+    def match(req: RequestHead, fields: dict[bytes, bytes] | None) -> bool:
+        if bmethod and req.method != bmethod:
+            return False
+        if kind:
+            p = req.target.split(b"?", 1)[0]
+            if kind == "exact" and p != bpath:
+                return False
+            if kind == "prefix" and not (p == bpath or p.startswith(
+                    bpath if bpath.endswith(b"/") else bpath + b"/")):
+                return False
+            if rx is not None and rx.fullmatch(p) is None:
+                return False
+        if bheaders:
+            if fields is None:
+                return False
+            for k, v in bheaders:
+                if fields.get(k) != v:
+                    return False
+        return True
+
+    return match
+
+
+def head_fields(raw: bytes) -> dict[bytes, bytes]:
+    """The request head's fields, lower-case names, first value of each (for matching)."""
+    out: dict[bytes, bytes] = {}
+    for line in raw.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep:
+            out.setdefault(name.lower(), value.strip(b" \t"))
+    return out
+
+
+class RouteTable:
+    """A destination's routes, compiled; `budget` is shared by its retryable routes."""
+
+    __slots__ = ("budget", "has_headers", "raw", "routes")
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        routes, spec = routes_from_json(raw)
+        self.raw = raw
+        self.routes = [CompiledRoute(r) for r in routes]
+        self.has_headers = any(r.has_headers for r in self.routes)
+        self.budget = RetryBudget(spec or RetryBudgetSpec())
+
+    def match(self, req: RequestHead) -> CompiledRoute | None:
+        fields = head_fields(req.raw) if self.has_headers else None
+        for r in self.routes:
+            if r.matches(req, fields):
+                return r
+        return None
+
+    def backend_services(self) -> set[str]:
+        return {b.service for r in self.routes for b in r.backends if b.service}
+
+    def views(self) -> list[dict[str, Any]]:
+        return list(self.raw.get("routes") or [])
+
+
+def backend_target(own: Target, service: str, lookup: Callable[[str, int], Target]
+                   ) -> Target:
+    """The target for a route backend `NAME[:PORT]` (the port defaults to own's)."""
+    host, _, port = service.partition(":")
+    p = int(port) if port else int(own.name.rpartition(":")[2])
+    return lookup(host, p)
+
