@@ -164,8 +164,8 @@ def test_failing_replica_is_ejected_then_probed_back(
 def test_never_eject_the_last_endpoint(flaky: FlakyServer, start_proxy: Any) -> None:
     p: ProxyProcess = start_proxy(outbound={"web:80": ""}, endpoints=endpoints_yaml(flaky.addr))
     port = p.outbound["web:80"]
-    for _ in range(8):
-        assert http_request(port, path="/x").status == 502
-    assert flaky.accepted == 8  # still tried: better than nothing
+    statuses = [http_request(port, path="/x").status for _ in range(8)]
+    assert statuses == [502] * 8, statuses
+    assert flaky.accepted >= 8  # still tried every time: better than nothing
     flaky.healthy = True
-    assert http_request(port, path="/x").status == 200
+    eventually(lambda: http_request(port, path="/x").status == 200, timeout=3)
