@@ -70,9 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _up_flags(d)
     given = list(sys.argv[1:] if argv is None else argv)
     if given[:1] != ["proxy"]:  # the sidecar does not pay for the stat module (RSS)
+        from meshlet.cli.routes import add_parser as _routes_parser
         from meshlet.cli.stat import add_parsers as _stat_parsers
 
         _stat_parsers(sub)
+        _routes_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "proxy":
         return _run_proxy(args)
@@ -84,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = args.mesh_file if args.command == "up" else _bundled_example()
         color = True if args.color == "always" else False if args.color == "never" else None
         return run_up(path, args.state_dir, color, args.proxy_log_level)
+    if args.command == "routes":
+        from meshlet.cli.routes import run_routes
+
+        return run_routes(args)
     if args.command in ("stat", "check"):
         from meshlet.cli.stat import run as run_stat
 

@@ -127,6 +127,23 @@ class ControlPlane:
                  len(mesh.services), sent, (time.perf_counter() - t0) * 1000)
         return True
 
+    def routes(self, name: str) -> tuple[int, dict[str, Any]]:
+        """The effective routes of NAME[:PORT] (all ports if none), for `meshlet routes`."""
+        mesh = self.discovery.mesh
+        host, _, port = name.partition(":")
+        svc = mesh.lookup(host)
+        if svc is None:
+            return 404, {"error": f"no service {host!r} in the mesh"}
+        ports = [int(port)] if port.isdigit() else [p.port for p in svc.ports]
+        out = {}
+        for p in ports:
+            es = mesh.endpoint_set(host, p, self.cfg.trust_domain)
+            if es is not None:
+                out[f"{svc.fqn}:{p}"] = {
+                    "endpoints": [e.to_json() for e in es.endpoints],
+                    **(es.routes or {"routes": []})}
+        return 200, {"service": svc.fqn, "ports": out}
+
     def heartbeat(self) -> None:
         for c in list(self.watches):
             c.heartbeat()
@@ -274,6 +291,10 @@ class _Conn(asyncio.Protocol):
         path = req.target.split(b"?", 1)[0]
         if path.startswith(b"/v1/watch/"):
             self._watch(req.method, path, _query(req.target), uri)
+            return
+        if path == b"/v1/routes":
+            name = _query(req.target).get("name", "")
+            self._reply(*self.cp.routes(name), close=req.close)
             return
         status, out = self.cp.handle(req.method, path, body, uri)
         self._reply(status, out, close=req.close)

@@ -186,3 +186,37 @@ def test_matches_and_header_changes(tmp_path: Path, backends: list[HttpBackend])
                 continue
             h = seen(path, [*hdrs, ("x-debug", "1")], method)
             assert "x-via" not in h and h["x-debug"] == "1", (path, hdrs)
+
+
+def test_meshlet_routes_shows_the_effective_routes(tmp_path: Path,
+                                                    backends: list[HttpBackend]) -> None:
+    import subprocess
+    import sys
+
+    routes = ("    routes:\n"
+              "      - name: api\n        match: {path: {prefix: /api}, method: GET}\n"
+              "        timeout: 2s\n"
+              "        retry: {statuses: [503], attempts: 2, per_try_timeout: 500ms}\n"
+              "      - name: rest\n        backends: [{service: web-v2, weight: 1}]\n"
+              "    retry_budget: {ratio: 0.1, min_per_second: 5, window: 10s}\n")
+    mesh = "services:\n" + svc("web", backends[0].addr, extra=routes) + \
+        svc("web-v2", backends[1].addr)
+    with client(tmp_path, mesh) as (control, _m, _a):
+        anchors = tmp_path / "anchors.pem"
+        anchors.write_bytes(control.anchors)
+        r = subprocess.run([sys.executable, "-m", "meshlet", "routes", "web",
+                            "--control", f"127.0.0.1:{control.port}", "--anchors",
+                            str(anchors)], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0] == "web.default:80: 1 endpoint(s)"
+        assert lines[1].split() == ["ROUTE", "MATCH", "TIMEOUT", "RETRY", "HEADERS",
+                                    "BACKENDS"]
+        assert lines[2].split() == ["api", "GET", "/api*", "2000ms", "2x", "on", "503,",
+                                    "500ms/try", "-", "(this", "service)"]
+        assert lines[3].split() == ["rest", "*", "-", "-", "-", "web-v2:1"]
+        assert lines[4] == "retry budget: 0.1 of requests + 5/s over 10s"
+        r = subprocess.run([sys.executable, "-m", "meshlet", "routes", "nope",
+                            "--control", f"127.0.0.1:{control.port}", "--anchors",
+                            str(anchors)], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and "no service 'nope'" in r.stderr
