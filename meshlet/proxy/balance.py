@@ -87,6 +87,15 @@ class Target(abc.ABC):
         """Feedback for a request sent to `s` (its response head, or its failure)."""
         s.pending -= 1
 
+    def opened(self, ep: Endpoint) -> EpState | None:
+        """An opaque TCP connection to `ep` is open: its state, with one more in flight
+        (the caller takes it off when the connection closes)."""
+        return None
+
+    def connect_failed(self, ep: Endpoint) -> None:
+        """A connection to `ep` could not be made (failure accrual)."""
+        return None
+
     @abc.abstractmethod
     def endpoints(self) -> tuple[Endpoint, ...]:
         """All current endpoints, drained ones included."""
@@ -252,6 +261,21 @@ class Balancer(Target):
             s.fails = 0
             s.probing = False
             s.ejections = 0
+
+    def opened(self, ep: Endpoint) -> EpState | None:
+        s = self._states.get(ep.key)
+        if s is not None:
+            s.pending += 1
+            if s.fails or s.probing:
+                s.fails = 0
+                s.probing = False
+                s.ejections = 0
+        return s
+
+    def connect_failed(self, ep: Endpoint) -> None:
+        s = self._states.get(ep.key)
+        if s is not None:
+            self.failure(s)
 
     def failure(self, s: EpState) -> None:
         s.fails += 1

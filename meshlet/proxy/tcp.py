@@ -20,6 +20,7 @@ from meshlet.proxy.mtls import ALPN_TCP, open_upstream
 
 if TYPE_CHECKING:
     from meshlet.metrics.registry import TcpStats
+    from meshlet.proxy.balance import EpState
     from meshlet.proxy.context import ListenerCtx
 
 __all__ = ["splice", "start_relay"]
@@ -124,11 +125,12 @@ class _Client(_Side):
 
 
 class _Upstream(_Side):
-    __slots__ = ("ctx",)
+    __slots__ = ("ctx", "es")
 
     def __init__(self, ctx: ListenerCtx) -> None:
         super().__init__(ctx.tcp_dst, ctx.tcp_src)
         self.ctx = ctx
+        self.es: EpState | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -136,6 +138,9 @@ class _Upstream(_Side):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.ctx.tcp_dst.closed += 1
+        if self.es is not None:
+            self.es.pending -= 1
+            self.es = None
         super().connection_lost(exc)
 
 
@@ -195,11 +200,14 @@ async def _connect(ctx: ListenerCtx, client: _Client, ep: Endpoint | None) -> No
         if ep is None:
             _no_endpoints(ctx, client.transport)
             return
-    attempts = min(3, max(1, len(ctx.target.endpoints())))
+    target = ctx.target
+    attempts = min(3, max(1, len(target.endpoints())))
     for attempt in range(attempts):
         try:
             _t, up = await open_upstream(ctx, ep, lambda: _Upstream(ctx), ALPN_TCP)
         except (OSError, TimeoutError) as e:
+            if ctx.fixed is None:
+                target.connect_failed(ep)
             reason = "connect_timeout" if isinstance(e, TimeoutError) else "connect_failed"
             log.debug("tcp connect to %s failed: %s", ep.addr, e)
             if ctx.fixed is not None:
@@ -217,6 +225,8 @@ async def _connect(ctx: ListenerCtx, client: _Client, ep: Endpoint | None) -> No
         if client.transport.is_closing():
             up.transport.close()
             return
+        if ctx.fixed is None:
+            up.es = target.opened(ep)  # open connections: the balancer's in-flight load
         _pair(client, up)
         return
     client.transport.abort()  # a reset tells the client the upstream was unreachable

@@ -178,3 +178,14 @@ def test_never_below_min_ready() -> None:
             b.failure(s)
     assert b.ejected == 1  # one must stay in service
     assert b.pick() is not None
+
+
+def test_tcp_connections_go_to_the_least_loaded() -> None:
+    b = bal(A, B)
+    for _ in range(3):
+        b.opened(A)  # three open connections to A
+    assert {b.pick() for _ in range(50)} == {B}
+    s = b._states[B.key]
+    for _ in range(Balancer.consecutive_failures):
+        b.connect_failed(B)
+    assert b.ejected == 1 and s.ejected_until > 0
