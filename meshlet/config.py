@@ -83,6 +83,11 @@ class ProxyConfig:
     join_token_file: str | None
     inbound_policy: str
     outbound_proxy_listen: Addr | None
+    balancer_default_rtt: float
+    balancer_decay: float
+    failure_accrual: int
+    failure_backoff: float
+    failure_backoff_max: float
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -236,6 +241,14 @@ _SETTINGS: dict[str, tuple[Callable[[str], Any], str, str]] = {
     "outbound_proxy_listen": (_optional_addr, "",
                               "outbound HTTP proxy listener (apps set HTTP_PROXY to it and "
                               "call services by name); needs a control plane"),
+    "balancer_default_rtt": (parse_duration, "30ms",
+                             "latency assumed for an endpoint's requests in flight before "
+                             "it has answered"),
+    "balancer_decay": (parse_duration, "10s", "time constant of the peak-EWMA latency"),
+    "failure_accrual": (_positive_int, "5",
+                        "consecutive failures (connect errors, 5xx) that eject an endpoint"),
+    "failure_backoff": (parse_duration, "1s", "first ejection time (doubles per ejection)"),
+    "failure_backoff_max": (parse_duration, "60s", "longest ejection time"),
 }
 
 # Variable names, where they differ from the field name.

@@ -155,6 +155,12 @@ class Proxy:
 
     async def start(self) -> None:
         cfg = self.cfg
+        # One proxy per process: the balancer's tunables are process-wide.
+        Balancer.default_rtt = cfg.balancer_default_rtt
+        Balancer.decay = max(cfg.balancer_decay, 0.001)
+        Balancer.consecutive_failures = cfg.failure_accrual
+        Balancer.eject_base = cfg.failure_backoff
+        Balancer.eject_max = max(cfg.failure_backoff_max, cfg.failure_backoff)
         if cfg.control_addr is not None:
             # `cryptography` costs ~8 MB of RSS: a standalone proxy never imports it.
             from meshlet.proxy.identity import IdentityManager
