@@ -42,6 +42,15 @@ class Checker:
             out[k.value] = v
         return out
 
+    def sequence(self, node: yaml.Node | None, field: str) -> list[yaml.Node]:
+        """The items of a list node ([] if absent; an error if not a list)."""
+        if node is None:
+            return []
+        if not isinstance(node, yaml.SequenceNode):
+            self.err(node, field, "expected a list")
+            return []
+        return list(node.value)
+
     def unknown(self, m: dict[str, yaml.Node], allowed: set[str], field: str) -> None:
         for k, v in m.items():
             if k not in allowed:

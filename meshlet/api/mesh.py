@@ -251,47 +251,38 @@ def _service(c: Checker, node: yaml.Node, field: str) -> Service | None:
         c.err(m.get("protocol"), f"{field}.protocol", f"must be one of {', '.join(PROTOCOLS)}")
     ports: list[PortSpec] = []
     pnode = m.get("ports")
-    if pnode is not None and not isinstance(pnode, yaml.SequenceNode):
-        c.err(pnode, f"{field}.ports", "expected a list")
-    elif pnode is not None:
-        for j, p in enumerate(pnode.value):
-            pf = f"{field}.ports[{j}]"
-            if isinstance(p, yaml.MappingNode):
-                pm = c.mapping(p, pf) or {}
-                c.unknown(pm, {"port", "protocol"}, pf)
-                num = c.integer(pm.get("port"), f"{pf}.port", 1, 65535)
-                if "port" not in pm:
-                    c.err(p, f"{pf}.port", "required")
-                pp = c.scalar(pm.get("protocol"), f"{pf}.protocol") or proto
-                if pp not in PROTOCOLS:
-                    c.err(pm.get("protocol"), f"{pf}.protocol",
-                          f"must be one of {', '.join(PROTOCOLS)}")
-            else:
-                num, pp = c.integer(p, pf, 1, 65535), proto
-            if num is not None:
-                if any(x.port == num for x in ports):
-                    c.err(p, pf, f"duplicate port {num}")
-                ports.append(PortSpec(num, pp))
+    for j, p in enumerate(c.sequence(pnode, f"{field}.ports")):
+        pf = f"{field}.ports[{j}]"
+        if isinstance(p, yaml.MappingNode):
+            pm = c.mapping(p, pf) or {}
+            c.unknown(pm, {"port", "protocol"}, pf)
+            num = c.integer(pm.get("port"), f"{pf}.port", 1, 65535)
+            if "port" not in pm:
+                c.err(p, f"{pf}.port", "required")
+            pp = c.scalar(pm.get("protocol"), f"{pf}.protocol") or proto
+            if pp not in PROTOCOLS:
+                c.err(pm.get("protocol"), f"{pf}.protocol",
+                      f"must be one of {', '.join(PROTOCOLS)}")
+        else:
+            num, pp = c.integer(p, pf, 1, 65535), proto
+        if num is not None:
+            if any(x.port == num for x in ports):
+                c.err(p, pf, f"duplicate port {num}")
+            ports.append(PortSpec(num, pp))
     onode = m.get("opaque_ports")
-    if onode is not None and not isinstance(onode, yaml.SequenceNode):
-        c.err(onode, f"{field}.opaque_ports", "expected a list")
-    elif onode is not None:
-        for j, p in enumerate(onode.value):
-            num = c.integer(p, f"{field}.opaque_ports[{j}]", 1, 65535)
-            if num is None:
-                continue
-            ports = [x for x in ports if x.port != num]
-            ports.append(PortSpec(num, "opaque"))
+    for j, p in enumerate(c.sequence(onode, f"{field}.opaque_ports")):
+        num = c.integer(p, f"{field}.opaque_ports[{j}]", 1, 65535)
+        if num is None:
+            continue
+        ports = [x for x in ports if x.port != num]
+        ports.append(PortSpec(num, "opaque"))
     meshed = _bool(c, m.get("meshed"), f"{field}.meshed", True)
     workloads: list[Workload] = []
     wnode = m.get("workloads")
-    if wnode is not None and not isinstance(wnode, yaml.SequenceNode):
-        c.err(wnode, f"{field}.workloads", "expected a list")
-    elif wnode is not None:
-        for j, w in enumerate(wnode.value):
-            wl = _workload(c, w, f"{field}.workloads[{j}]")
-            if wl is not None:
-                workloads.append(wl)
+    for j, w in enumerate(c.sequence(wnode, f"{field}.workloads")):
+        wl = _workload(c, w, f"{field}.workloads[{j}]")
+        if wl is not None:
+            workloads.append(wl)
     if workloads and not ports:
         c.err(wnode, f"{field}.ports", "a service with workloads needs at least one port")
     policy = Policy(f"{name}.{ns}" if name else "?")
@@ -303,15 +294,12 @@ def _service(c: Checker, node: yaml.Node, field: str) -> Service | None:
         c.err(m.get("expose"), f"{field}.expose", "needs `run` and a port")
     routes: list[Route] = []
     rnode = m.get("routes")
-    if rnode is not None and not isinstance(rnode, yaml.SequenceNode):
-        c.err(rnode, f"{field}.routes", "expected a list")
-    elif rnode is not None:
-        for j, r in enumerate(rnode.value):
-            route = _route(c, r, f"{field}.routes[{j}]", j)
-            if route is not None:
-                if any(x.name == route.name for x in routes):
-                    c.err(r, f"{field}.routes[{j}].name", f"duplicate route {route.name}")
-                routes.append(route)
+    for j, r in enumerate(c.sequence(rnode, f"{field}.routes")):
+        route = _route(c, r, f"{field}.routes[{j}]", j)
+        if route is not None:
+            if any(x.name == route.name for x in routes):
+                c.err(r, f"{field}.routes[{j}].name", f"duplicate route {route.name}")
+            routes.append(route)
     budget = _budget(c, m["retry_budget"], f"{field}.retry_budget") \
         if "retry_budget" in m else None
     if len(c.errors) != n_before or name is None or ns is None or account is None:
@@ -407,25 +395,22 @@ def _route(c: Checker, node: yaml.Node, field: str, index: int) -> Route | None:
                         removes.append(hname.lower())
     backends: list[Backend] = []
     bnode = m.get("backends")
-    if bnode is not None and not isinstance(bnode, yaml.SequenceNode):
-        c.err(bnode, f"{field}.backends", "expected a list")
-    elif bnode is not None:
-        for k, b in enumerate(bnode.value):
-            bf = f"{field}.backends[{k}]"
-            bm = c.mapping(b, bf) or {}
-            c.unknown(bm, {"service", "weight"}, bf)
-            svc = c.scalar(bm.get("service"), f"{bf}.service")
-            if svc is None:
-                c.err(b, f"{bf}.service", "required")
-                continue
-            host, _, port = svc.partition(":")
-            if not _LABEL_DOTS_RE.fullmatch(host) or (port and not port.isdigit()):
-                c.err(bm["service"], f"{bf}.service", f"{svc!r}: use NAME[.NAMESPACE][:PORT]")
-                continue
-            w = c.integer(bm.get("weight"), f"{bf}.weight", 0, 1_000_000) \
-                if "weight" in bm else 1
-            if w is not None:
-                backends.append(Backend(svc, w))
+    for k, b in enumerate(c.sequence(bnode, f"{field}.backends")):
+        bf = f"{field}.backends[{k}]"
+        bm = c.mapping(b, bf) or {}
+        c.unknown(bm, {"service", "weight"}, bf)
+        svc = c.scalar(bm.get("service"), f"{bf}.service")
+        if svc is None:
+            c.err(b, f"{bf}.service", "required")
+            continue
+        host, _, port = svc.partition(":")
+        if not _LABEL_DOTS_RE.fullmatch(host) or (port and not port.isdigit()):
+            c.err(bm["service"], f"{bf}.service", f"{svc!r}: use NAME[.NAMESPACE][:PORT]")
+            continue
+        w = c.integer(bm.get("weight"), f"{bf}.weight", 0, 1_000_000) \
+            if "weight" in bm else 1
+        if w is not None:
+            backends.append(Backend(svc, w))
         if backends and not sum(b.weight for b in backends):
             c.err(bnode, f"{field}.backends", "weights must not all be 0")
     if len(c.errors) != n_before:

@@ -26,6 +26,7 @@ from helpers import (
     eventually,
     free_port,
     http_request,
+    proxy_env,
     start_control,
 )
 
@@ -46,16 +47,6 @@ def mesh_text(web_addr: str) -> str:
             f"    workloads:\n      - address: {web_addr}\n"
             "  - name: client\n"
             "  - name: db\n    ports: [5432]\n")
-
-
-def proxy_env(control: Control, tmp: Path, account: str) -> dict[str, str]:
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "anchors.pem").write_bytes(control.anchors)
-    (tmp / "token").write_text(control.token("default", account))
-    return {"MESHLET_CONTROL_ADDR": f"127.0.0.1:{control.port}",
-            "MESHLET_TRUST_ANCHORS": str(tmp / "anchors.pem"),
-            "MESHLET_IDENTITY": f"spiffe://{TD}/ns/default/sa/{account}",
-            "MESHLET_JOIN_TOKEN_FILE": str(tmp / "token")}
 
 
 def replica(service: str, proxy: ProxyProcess, app_port: int | None, app_pid: int | None
