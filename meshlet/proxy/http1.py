@@ -1030,11 +1030,10 @@ class H1Upstream(asyncio.Protocol):
         if self.buf:
             self._heads(self.buf + data, down)
             return
-        if self.method != b"HEAD" and down.state == S_WAIT and not down.draining \
-                and down.retry_on is None:
+        if self.method != b"HEAD" and down.state == S_WAIT and not down.draining:
             # `draining` is also set when the request asked to close.
             simple = match_simple_response(data)
-            if simple is not None:
+            if simple is not None and (down.retry_on is None or simple not in down.retry_on):
                 # The common case: a whole response with a length, forwarded as received.
                 down.transport.write(data)
                 ctx.tcp_src.write_bytes += len(data)

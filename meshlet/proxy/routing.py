@@ -68,22 +68,32 @@ class RetryBudget:
         return True
 
 
+Cond = tuple[bytes, int, bytes, bytes, "re.Pattern[bytes] | None", tuple[tuple[bytes, bytes], ...]]
+_KINDS = {"": 0, "exact": 1, "prefix": 2, "regex": 3}
+
+
 class CompiledRoute:
     __slots__ = (
         "add_lines",
         "backends",
+        "conds",
         "cum",
         "drop",
         "has_headers",
-        "matchers",
         "retry_on",
         "route",
     )
 
     def __init__(self, route: Route) -> None:
         self.route = route
-        self.matchers: list[Callable[[RequestHead, dict[bytes, bytes] | None], bool]] = [
-            _matcher(m.path_kind, m.path, m.method, m.headers) for m in route.matches]
+        conds: list[Cond] = []
+        for m in route.matches:
+            p = m.path.encode()
+            pslash = p if p.endswith(b"/") else p + b"/"
+            conds.append((m.method.encode(), _KINDS[m.path_kind], p, pslash,
+                          re.compile(p) if m.path_kind == "regex" else None,
+                          tuple((k.encode(), v.encode()) for k, v in m.headers)))
+        self.conds = tuple(conds)  # any of them (empty: every request)
         self.has_headers = any(m.headers for m in route.matches)
         self.backends = route.backends
         self.cum = list(accumulate(b.weight for b in route.backends))
@@ -94,11 +104,6 @@ class CompiledRoute:
         r = route.retry
         self.retry_on: frozenset[int] | None = r.statuses if r is not None else None
 
-    def matches(self, req: RequestHead, fields: dict[bytes, bytes] | None) -> bool:
-        if not self.matchers:
-            return True
-        return any(m(req, fields) for m in self.matchers)
-
     def backend(self) -> str:
         """The backend service for this request ("": the destination itself)."""
         cum = self.cum
@@ -106,36 +111,6 @@ class CompiledRoute:
             return ""
         i = bisect_right(cum, random.random() * cum[-1])
         return self.backends[i].service
-
-
-def _matcher(kind: str, path: str, method: str, headers: tuple[tuple[str, str], ...]
-             ) -> Callable[[RequestHead, dict[bytes, bytes] | None], bool]:
-    bpath = path.encode()
-    rx = re.compile(bpath) if kind == "regex" else None
-    bmethod = method.encode()
-    bheaders = tuple((k.encode(), v.encode()) for k, v in headers)
-
-    def match(req: RequestHead, fields: dict[bytes, bytes] | None) -> bool:
-        if bmethod and req.method != bmethod:
-            return False
-        if kind:
-            p = req.target.split(b"?", 1)[0]
-            if kind == "exact" and p != bpath:
-                return False
-            if kind == "prefix" and not (p == bpath or p.startswith(
-                    bpath if bpath.endswith(b"/") else bpath + b"/")):
-                return False
-            if rx is not None and rx.fullmatch(p) is None:
-                return False
-        if bheaders:
-            if fields is None:
-                return False
-            for k, v in bheaders:
-                if fields.get(k) != v:
-                    return False
-        return True
-
-    return match
 
 
 def head_fields(raw: bytes) -> dict[bytes, bytes]:
@@ -161,9 +136,38 @@ class RouteTable:
         self.budget = RetryBudget(spec or RetryBudgetSpec())
 
     def match(self, req: RequestHead) -> CompiledRoute | None:
-        fields = head_fields(req.raw) if self.has_headers else None
+        """The first route whose conditions fit the request (a tight loop: it runs for
+        every request of a destination with routes)."""
+        method = req.method
+        t = req.target
+        q = t.find(b"?")
+        path = t if q < 0 else t[:q]
+        fields: dict[bytes, bytes] | None = None
         for r in self.routes:
-            if r.matches(req, fields):
+            conds = r.conds
+            if not conds:
+                return r
+            for m, kind, p, pslash, rx, hdrs in conds:
+                if m and m != method:
+                    continue
+                if kind == 1:
+                    if path != p:
+                        continue
+                elif kind == 2:
+                    if path != p and not path.startswith(pslash):
+                        continue
+                elif kind == 3 and rx is not None and rx.fullmatch(path) is None:
+                    continue
+                if hdrs:
+                    if fields is None:
+                        fields = head_fields(req.raw)
+                    ok = True
+                    for k, v in hdrs:
+                        if fields.get(k) != v:
+                            ok = False
+                            break
+                    if not ok:
+                        continue
                 return r
         return None
 
