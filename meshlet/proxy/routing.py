@@ -126,7 +126,7 @@ def head_fields(raw: bytes) -> dict[bytes, bytes]:
 class RouteTable:
     """A destination's routes, compiled; `budget` is shared by its retryable routes."""
 
-    __slots__ = ("budget", "has_headers", "raw", "routes")
+    __slots__ = ("_flat", "_re", "budget", "has_headers", "raw", "routes")
 
     def __init__(self, raw: dict[str, Any]) -> None:
         routes, spec = routes_from_json(raw)
@@ -134,16 +134,62 @@ class RouteTable:
         self.routes = [CompiledRoute(r) for r in routes]
         self.has_headers = any(r.has_headers for r in self.routes)
         self.budget = RetryBudget(spec or RetryBudgetSpec())
+        self._flat: list[tuple[int, tuple[tuple[bytes, bytes], ...]]] = []
+        self._re = self._compile()
+
+    def _compile(self) -> re.Pattern[bytes] | None:
+        """The alternation behind `match` (None if a route's own regex has groups that
+        could confuse it: then `_scan` does all the work)."""
+        alts = []
+        for ri, r in enumerate(self.routes):
+            conds = r.conds or ((b"", 0, b"", b"", None, ()),)
+            for m, kind, p, pslash, rx, hdrs in conds:
+                if rx is not None and b"(?P" in rx.pattern:
+                    return None
+                part = re.escape(m) if m else rb"[^ ]+"
+                if kind == 1:
+                    part += rb" " + re.escape(p)
+                elif kind == 2:
+                    part += rb" (?:" + re.escape(p) + rb"|" + re.escape(pslash) + rb".*)"
+                elif kind == 3 and rx is not None:
+                    part += rb" (?:" + rx.pattern + rb")"
+                else:
+                    part += rb" .*"
+                alts.append(b"(?P<c%d>%s)" % (len(self._flat), part))
+                self._flat.append((ri, hdrs))
+        try:
+            return re.compile(b"|".join(alts), re.DOTALL) if alts else None
+        except re.error:
+            return None
 
     def match(self, req: RequestHead) -> CompiledRoute | None:
-        """The first route whose conditions fit the request (a tight loop: it runs for
-        every request of a destination with routes)."""
-        method = req.method
+        """The first route whose conditions fit the request. One regular expression
+        (an alternation of every condition's method and path, in route order) finds the
+        first candidate; header conditions are then checked, and only if they fail does
+        the search go on, route by route."""
         t = req.target
         q = t.find(b"?")
         path = t if q < 0 else t[:q]
+        big = self._re
+        if big is None:
+            return self._scan(req, path, 0)
+        m = big.fullmatch(req.method + b" " + path)
+        if m is None:
+            return None
+        i = int(m.lastgroup[1:])  # type: ignore[index]
+        ri, hdrs = self._flat[i]
+        if not hdrs:
+            return self.routes[ri]
+        fields = head_fields(req.raw)
+        for k, v in hdrs:
+            if fields.get(k) != v:
+                return self._scan(req, path, ri)
+        return self.routes[ri]
+
+    def _scan(self, req: RequestHead, path: bytes, start: int) -> CompiledRoute | None:
+        method = req.method
         fields: dict[bytes, bytes] | None = None
-        for r in self.routes:
+        for r in self.routes[start:]:
             conds = r.conds
             if not conds:
                 return r
