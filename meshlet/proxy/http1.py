@@ -94,7 +94,6 @@ class H1Downstream(asyncio.Protocol):
         "buf",
         "client_line",
         "ctx",
-        "deadline_timer",
         "draining",
         "ep",
         "es",
@@ -107,6 +106,7 @@ class H1Downstream(asyncio.Protocol):
         "req_bytes",
         "resp_latency_ms",
         "resp_started",
+        "resp_timeout",
         "retried",
         "retry_on",
         "route",
@@ -115,6 +115,7 @@ class H1Downstream(asyncio.Protocol):
         "state",
         "stats",
         "target",
+        "timeout_reason",
         "transport",
         "tries",
         "try_timer",
@@ -146,7 +147,10 @@ class H1Downstream(asyncio.Protocol):
         self.replay: list[bytes] | None = None  # the request as sent, for a retry
         self.replay_size = 0
         self.try_timer: asyncio.TimerHandle | None = None
-        self.deadline_timer: asyncio.TimerHandle | None = None
+        # To the response head: the proxy's response timeout, or the route's (which also
+        # covers its retries); both ride on the connection's one lazy timer.
+        self.resp_timeout = ctx.cfg.response_timeout
+        self.timeout_reason = "response_timeout"
         self.body_left = 0
         self.body_framer: ChunkedFramer | None = None
         self.paused = 0
@@ -314,7 +318,7 @@ class H1Downstream(asyncio.Protocol):
                 head = head[:-2] + self.client_line + b"\r\n"
             self.req_bytes = head
             self.body_left = 0
-            self._arm(T_RESPONSE, cfg.response_timeout, self.started)
+            self._arm(T_RESPONSE, self.resp_timeout, self.started)
             idle = ctx.pool.idle.get(ep.key)
             if idle:
                 up = idle.pop()
@@ -348,7 +352,7 @@ class H1Downstream(asyncio.Protocol):
                 if len(rest) > end:
                     self.buf = rest[end:]
                 self.req_bytes = head
-                self._arm(T_RESPONSE, cfg.response_timeout)
+                self._arm(T_RESPONSE, self.resp_timeout)
             else:
                 self.req_bytes = None
                 if body == BODY_LENGTH:
@@ -373,7 +377,6 @@ class H1Downstream(asyncio.Protocol):
     # --- routes: timeouts and retries -------------------------------------------------
 
     def _begin_route(self, route: CompiledRoute, rt: RouteTable | None) -> None:
-        loop = self.ctx.loop
         self._cancel_route_timers()
         self.route = route
         self.rt = rt
@@ -381,7 +384,11 @@ class H1Downstream(asyncio.Protocol):
         self.replay = None
         r = route.route
         if r.timeout:
-            self.deadline_timer = loop.call_at(self.started + r.timeout, self._on_deadline)
+            self.resp_timeout = r.timeout
+            self.timeout_reason = "request_timeout"
+        elif self.resp_timeout != self.ctx.cfg.response_timeout:
+            self.resp_timeout = self.ctx.cfg.response_timeout
+            self.timeout_reason = "response_timeout"
         retry = r.retry
         if retry is not None and rt is not None:
             self.retry_on = route.retry_on
@@ -392,6 +399,8 @@ class H1Downstream(asyncio.Protocol):
 
     def _end_route(self) -> None:
         self._cancel_route_timers()
+        self.resp_timeout = self.ctx.cfg.response_timeout
+        self.timeout_reason = "response_timeout"
         self.route = None
         self.rt = None
         self.retry_on = None
@@ -410,9 +419,6 @@ class H1Downstream(asyncio.Protocol):
         if self.try_timer is not None:
             self.try_timer.cancel()
             self.try_timer = None
-        if self.deadline_timer is not None:
-            self.deadline_timer.cancel()
-            self.deadline_timer = None
 
     def _keep(self, data: bytes) -> None:
         """Keep what was sent, for a retry (up to REPLAY_LIMIT: beyond, no retry)."""
@@ -497,12 +503,6 @@ class H1Downstream(asyncio.Protocol):
             self._retry()
         else:
             self._respond_error(504, "per_try_timeout")
-
-    def _on_deadline(self) -> None:
-        self.deadline_timer = None
-        if self.resp_started or self.state in (S_CLOSED, S_HEAD):
-            return
-        self._respond_error(504, "request_timeout")
 
     def _settle(self, failed: bool, now: float = 0.0) -> None:
         """Tell the balancer how the request to `es` went (once per pick)."""
@@ -631,7 +631,7 @@ class H1Downstream(asyncio.Protocol):
         if self.state == S_BODY:
             self.state = S_WAIT
             if not self.resp_started:
-                self._arm(T_RESPONSE, self.ctx.cfg.response_timeout)
+                self._arm(T_RESPONSE, self.resp_timeout)
 
     async def _connect(self, ep: Endpoint, head: bytes, whole: bool = False) -> None:
         """Connect to `ep` (or another endpoint if it fails) and send `head` (`whole`: it
@@ -905,7 +905,7 @@ class H1Downstream(asyncio.Protocol):
         elif kind == T_HEAD:
             self._reject(408, "request_header_timeout")
         elif kind == T_RESPONSE and not self.resp_started:
-            self._respond_error(504, "response_timeout")
+            self._respond_error(504, self.timeout_reason)
         else:
             self.state = S_CLOSED
             up = self.up
