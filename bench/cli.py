@@ -23,6 +23,9 @@ from bench import report
 from bench.backend import start_nginx, start_sink
 from bench.common import LOAD_CORE, MIB, PROXY_CORE, BenchError
 from bench.controlscale import CTRL, FULL, QUICK, target_lines
+from bench.h1routes import H1R, start_web_backends
+from bench.h1routes import deltas as h1r_deltas
+from bench.h1routes import target_lines as h1r_target_lines
 from bench.loadgen import hey_argv, wrk_argv
 from bench.machine import idle_check, idle_problems, machine_info
 from bench.mesh import make_pki, start_control
@@ -33,6 +36,7 @@ from bench.scenarios import (
     HANDSHAKE_THREADS,
     MTLS,
     SCENARIO_NAMES,
+    SCENARIO_VARIANTS,
     SINGLE_SYSTEM,
     TCP,
     Backends,
@@ -147,6 +151,9 @@ def start_backends(opts: Options, workdir: Path) -> Backends:
     log_dir = workdir / "backends"
     log_dir.mkdir()
     http = H1 in opts.scenarios or MTLS in opts.scenarios
+    web = None
+    if H1R in opts.scenarios and "meshlet" in opts.systems:
+        web = start_web_backends(workdir)
     nginx_port = start_nginx(workdir, log_dir)[1] if http else None
     sink_port = start_sink(log_dir)[1] if TCP in opts.scenarios else None
     mesh = None
@@ -154,18 +161,23 @@ def start_backends(opts: Options, workdir: Path) -> Backends:
         mesh = make_pki(workdir / "mesh")
         if "meshlet" in opts.systems:
             start_control(mesh, log_dir)
-    return Backends(nginx_port, sink_port, mesh)
+    return Backends(nginx_port, sink_port, mesh, web)
 
 
 def progress(trial: Trial, reps: int) -> None:
     f = trial.figures
     head = f"[rep {trial.rep + 1}/{reps}] {trial.scenario:13} {trial.system:8}"
+    if trial.scenario in SCENARIO_VARIANTS:
+        head = f"[rep {trial.rep + 1}/{reps}] {trial.scenario} {trial.system:20}"
     if trial.error:
         detail = "FAILED: " + trial.error.splitlines()[0][:160]
-    elif trial.scenario == H1:
+    elif trial.scenario in (H1, H1R):
         detail = (
             f"{f['rps']:,.0f} req/s, {f['cpu_us_per_req']:.1f} µs/req, p99 {f['p99_ms']:.2f} ms"
         )
+        shares = [f[k] for k in ("ep1_share_pct", "ep2_share_pct", "ep3_share_pct") if k in f]
+        if len(shares) > 1:
+            detail += ", endpoint shares " + "/".join(f"{x:.0f}" for x in shares) + " %"
     elif trial.scenario == MTLS:
         detail = (
             f"{f['rps']:,.0f} req/s, {f['cpu_us_per_req']:.1f} µs/req "
@@ -190,7 +202,11 @@ def run_trials(opts: Options, settings: Settings, workdir: Path) -> list[Trial]:
     for rep in range(opts.reps):
         order = rotated(opts.systems, rep)
         for scenario in opts.scenarios:
-            for position, system in enumerate(order):
+            variants = SCENARIO_VARIANTS.get(scenario)
+            names = order
+            if variants is not None:  # meshlet variants instead of systems, rotated too
+                names = rotated(list(variants), rep) if "meshlet" in opts.systems else []
+            for position, system in enumerate(names):
                 only = SINGLE_SYSTEM.get(scenario)
                 if only is not None and (system != only or rep > 0):
                     continue  # e.g. control-scale: meshlet only, its repetitions inside
@@ -204,6 +220,7 @@ def build_document(
     opts: Options, settings: Settings, trials: list[Trial], started: float, meta: dict[str, Any]
 ) -> dict[str, Any]:
     summary = report.summarise(trials, opts.scenarios, opts.systems)
+    extra = {"h1_routes": h1r_deltas(trials)} if H1R in opts.scenarios else {}
     return {
         "command": sys.argv,
         "command_line": shlex.join([sys.executable, "-m", "bench", *sys.argv[1:]]),
@@ -226,7 +243,10 @@ def build_document(
             "aggregate": "median over reps (error counts: sum); systems rotated each rep",
             "control_scale": "meshlet only, once per run (repetitions inside); control "
             "on core 0, proxies and harness on core 1; see bench/controlscale.py",
+            "h1_routes": "meshlet variants (1 endpoint; 3 endpoints + 10 routes; standalone "
+            "inbound) measured as h1-one-proxy, rotated each rep; see bench/h1routes.py",
         },
+        **extra,
         "summary": summary,
         "ratios": report.ratios(summary),
         "problems": idle_problems(meta["idle_check"]) + report.problems(trials),
@@ -246,11 +266,17 @@ def render(doc: dict[str, Any], opts: Options, settings: Settings) -> str:
         f"{settings.handshake_seconds} s of new mTLS connections to B"
         f"{' (--quick; full run: 15 s, 15 s, 10 s)' if opts.quick else ''}; {n}",
         CTRL: _ctrl_title(settings, opts.quick),
+        H1R: f"== h1-routes: wrk -t1 -c50 -d{settings.wrk_seconds}s; hey -z "
+        f"{settings.hey_seconds}s -c 20 -q 100; outbound meshlet → web:80 with 1 endpoint, "
+        f"or 3 endpoints + 10 routes; standalone inbound for reference; {n}",
     }
     parts = []
     for s in opts.scenarios:
         systems = [SINGLE_SYSTEM[s]] if s in SINGLE_SYSTEM else opts.systems
+        systems = list(SCENARIO_VARIANTS.get(s, systems))
         parts.append(report.table(s, doc["summary"], systems, doc["ratios"], titles[s]))
+        if s == H1R:
+            parts[-1] += "".join(f"\n{line}" for line in h1r_target_lines(doc["h1_routes"]))
         if s == CTRL:
             figures = {k: c["value"] for k, c in doc["summary"][s].get("meshlet", {}).items()}
             parts[-1] += "".join(f"\ntarget: {line}" for line in target_lines(figures))

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from bench.controlscale import CTRL
-from bench.scenarios import H1, MTLS, TCP, Trial
+from bench.h1routes import H1R
+from bench.scenarios import H1, MTLS, SCENARIO_VARIANTS, TCP, Trial
 
 Agg = Literal["median", "sum"]
 PEERS = ("envoy", "haproxy")
@@ -104,6 +105,30 @@ METRICS: dict[str, tuple[Metric, ...]] = {
             )
         ),
     ),
+    H1R: (
+        Metric("cpu_us_per_req", "proxy CPU µs / request", "{:.1f}"),
+        Metric("rps", "req/s at saturation (wrk)", "{:,.0f}"),
+        Metric("cpu_util_pct", "proxy CPU % during wrk", "{:.0f}", ratio=False),
+        Metric("p50_ms", "p50 ms @2,000 req/s (hey)", "{:.2f}"),
+        Metric("p99_ms", "p99 ms @2,000 req/s", "{:.2f}"),
+        Metric("max_ms", "max ms @2,000 req/s", "{:.2f}"),
+        Metric("rss_idle_mb", "RSS idle, MiB", "{:.1f}"),
+        Metric("rss_load_mb", "RSS under load (max), MiB", "{:.1f}"),
+        Metric("ep_share_min_pct", "endpoint share of wrk resp. min %", "{:.1f}"),
+        Metric("ep_share_max_pct", "  … max %", "{:.1f}"),
+        Metric("nginx_bytes_per_req", "nginx bytes written / wrk request", "{:.1f}"),
+        Metric(
+            "wrk_bad",
+            "wrk non-2xx + socket errs (sum)",
+            "{:.0f}",
+            ("wrk_non_2xx", "wrk_socket_errors"),
+            "sum",
+        ),
+        Metric("hey_bad", "hey non-2xx + errors (sum)", "{:.0f}", ("hey_non_2xx", "hey_errors"),
+               "sum"),
+        *(Metric(f"ep{i}_share_pct", f"ep{i}_share_pct", "{:.1f}", table=False)
+          for i in (1, 2, 3)),
+    ),
     TCP: (
         Metric("mb_per_s", "throughput, MiB/s", "{:,.0f}"),
         Metric("cpu_us_per_mb", "proxy CPU µs / MiB", "{:.0f}"),
@@ -156,7 +181,7 @@ def summarise(trials: list[Trial], scenarios: list[str], systems: list[str]) -> 
     out: dict[str, Any] = {}
     for scenario in scenarios:
         out[scenario] = {}
-        for system in systems:
+        for system in SCENARIO_VARIANTS.get(scenario, systems):
             mine = [t for t in trials if t.scenario == scenario and t.system == system]
             out[scenario][system] = {
                 m.key: agg for m in METRICS[scenario] if (agg := _aggregate(m, mine))
@@ -200,13 +225,14 @@ def table(
     """One scenario's table: a row per metric, a column per system, then ratios."""
     peers = [p for p in PEERS if SUBJECT in systems and p in systems]
     heads = [*systems, *(f"{SUBJECT}/{p}" for p in peers)]
-    lines = [title, f"{'':34}" + "".join(f"{h:>16}" for h in heads)]
+    w = max([16, *(len(h) + 2 for h in heads)])  # h1-routes' variant names are longer
+    lines = [title, f"{'':34}" + "".join(f"{h:>{w}}" for h in heads)]
     for metric in (m for m in METRICS[scenario] if m.table):
         cells = [_fmt(metric, summary[scenario][s].get(metric.key)) for s in systems]
         for peer in peers:
             r = rat.get(scenario, {}).get(metric.key, {}).get(f"{SUBJECT}/{peer}")
             cells.append("-" if r is None else f"{r:.2f}")
-        lines.append(f"{metric.label:34}" + "".join(f"{c:>16}" for c in cells))
+        lines.append(f"{metric.label:34}" + "".join(f"{c:>{w}}" for c in cells))
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from bench.backend import NGINX_BODY
 from bench.common import LOAD_CORE, LOOPBACK, MIB, REPO_ROOT, BenchError
 from bench.controlscale import CTRL, FULL, ScaleSettings, run_control_scale
+from bench.h1routes import H1R, VARIANTS, WebBackends, run_h1_routes
 from bench.loadgen import hey_argv, parse_bulk, parse_hey, parse_wrk, wrk_argv
 from bench.mesh import CLIENT, PAIR_BUILDERS, SERVER, Mesh, Pair, final_state, spiffe_uri
 from bench.mesh import verify_mtls as _verify_mtls
@@ -24,8 +25,10 @@ H1 = "h1-one-proxy"
 TCP = "tcp-bulk"
 MTLS = "h1-mesh-mtls"
 DEFAULT_SCENARIOS = (H1, TCP, MTLS)  # control-scale only when asked for (meshlet only)
-SCENARIO_NAMES = (*DEFAULT_SCENARIOS, CTRL)
+SCENARIO_NAMES = (*DEFAULT_SCENARIOS, CTRL, H1R)  # h1-routes, too, only when asked for
 SINGLE_SYSTEM = {CTRL: "meshlet"}  # scenarios run for one system only, in rep 1 only
+# Scenarios whose columns are variants of meshlet (run when meshlet is among the systems).
+SCENARIO_VARIANTS = {H1R: VARIANTS}
 HANDSHAKE_THREADS = 4
 IDLE_SETTLE_S = 1.0
 WARMUP_CONNS = 4
@@ -50,6 +53,7 @@ class Backends:
     nginx_port: int | None
     sink_port: int | None
     mesh: Mesh | None = None  # PKI and meshlet control plane for h1-mesh-mtls
+    web: WebBackends | None = None  # h1-routes: three nginx
 
 
 @dataclass
@@ -357,6 +361,7 @@ RUNNERS: dict[str, Callable[[TrialContext], None]] = {
     TCP: run_tcp,
     MTLS: run_mtls,
     CTRL: run_control_scale,
+    H1R: run_h1_routes,
 }
 
 
