@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import statistics
 import sys
 import time
@@ -93,6 +94,7 @@ class WebBackends:
 
     ports: tuple[int, ...]
     procs: tuple[Proc, ...]
+    response_bytes: int = 0  # one whole response to `GET /` (head + body), as nginx sends
 
     def written(self) -> list[int]:
         """Bytes each nginx has written (`wchar` over its process tree): its responses."""
@@ -109,6 +111,28 @@ def _wchar(root: int) -> int:
         if m := re.search(r"^wchar:\s+(\d+)", text, re.MULTILINE):
             total += int(m.group(1))
     return total
+
+
+def response_size(port: int) -> int:
+    """Bytes of nginx's answer to a wrk-like `GET /` (keep-alive), read off the socket."""
+    with socket.create_connection((LOOPBACK, port), timeout=5) as sock:
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data or len(data) < _whole(data):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    if not data.startswith(b"HTTP/1.1 200 ") or len(data) != _whole(data):
+        raise BenchError(f"nginx's response to GET / is not what was expected: {data!r}")
+    return len(data)
+
+
+def _whole(data: bytes) -> int:
+    """Head + Content-Length of a response (a large number until the head is complete)."""
+    head, sep, _ = data.partition(b"\r\n\r\n")
+    m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    return len(head) + len(sep) + int(m.group(1)) if sep and m else 1 << 30
 
 
 def web_nginx_config(workdir: Path, ports: tuple[int, ...]) -> str:
@@ -147,10 +171,10 @@ def start_web_backends(workdir: Path, one_process: bool = False) -> WebBackends:
     ports = tuple(free_port() for _ in range(ENDPOINTS))
     if one_process:
         proc = start_web_nginx("web-nginx-3ports", workdir / "web-nginx-3ports", ports)
-        return WebBackends(ports, (proc,))
+        return WebBackends(ports, (proc,), response_size(ports[0]))
     procs = tuple(start_web_nginx(f"web-nginx-{i + 1}", workdir / f"web-nginx-{i + 1}", (p,))
                   for i, p in enumerate(ports))
-    return WebBackends(ports, procs)
+    return WebBackends(ports, procs, response_size(ports[0]))
 
 
 # ---- the mesh ---------------------------------------------------------------------------
@@ -331,7 +355,11 @@ def endpoint_shares(ctx: TrialContext, web: WebBackends, w0: list[int], w1: list
     if total <= 0:
         raise BenchError("no nginx wrote anything during wrk (/proc/PID/io unreadable?)")
     shares = [100 * x / total for x in deltas]
-    f["nginx_bytes_per_req"] = total / f["requests"]
+    f["nginx_bytes_per_req"] = per_req = total / f["requests"]
+    ctx.trial.raw["nginx_response_bytes"] = web.response_bytes
+    if abs(per_req / web.response_bytes - 1) > 0.01:
+        raise BenchError(f"the nginx wrote {per_req:.1f} bytes per wrk request, one response "
+                         f"is {web.response_bytes}: the shares would not be response counts")
     if any(deltas[n:]):
         raise BenchError(f"nginx beyond the first {n} served requests: {deltas}")
     used = shares[:n]
