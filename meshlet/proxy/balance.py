@@ -234,9 +234,7 @@ class Balancer(Target):
         return others[bisect_right(cum, random.random() * cum[-1])]
 
     def _readmit(self) -> None:
-        import time
-
-        now = time.monotonic()
+        now = _monotonic()
         if any(s.ejected_until and s.ejected_until <= now for s in self._all):
             for s in self._all:
                 if s.ejected_until and s.ejected_until <= now:
@@ -283,8 +281,6 @@ class Balancer(Target):
             self._eject(s)
 
     def _eject(self, s: EpState) -> None:
-        import time
-
         if s.ejected_until or s not in self._all:
             return
         if len(self._live) - 1 < self.min_ready:
@@ -293,7 +289,7 @@ class Balancer(Target):
         s.ejections += 1
         s.fails = 0
         s.probing = False
-        now = time.monotonic()
+        now = _monotonic()
         s.ejected_until = now + backoff * random.uniform(0.9, 1.1)
         self._relive(now)
 
@@ -302,9 +298,7 @@ class Balancer(Target):
 
     def endpoint_views(self) -> list[dict[str, object]]:
         """Each endpoint with what the balancer knows of it (for /config)."""
-        import time
-
-        now = time.monotonic()
+        now = _monotonic()
         out: list[dict[str, object]] = []
         for e in self._eps:
             d: dict[str, object] = dict(e.to_json())
