@@ -51,6 +51,12 @@ class Checker:
             return []
         return list(node.value)
 
+    def weight(self, m: dict[str, yaml.Node], field: str) -> int | None:
+        """An endpoint's `weight` (default 1), or None after an error."""
+        if "weight" not in m:
+            return 1
+        return self.integer(m["weight"], f"{field}.weight", 0, 1_000_000)
+
     def unknown(self, m: dict[str, yaml.Node], allowed: set[str], field: str) -> None:
         for k, v in m.items():
             if k not in allowed:
@@ -172,12 +178,9 @@ def _endpoint(c: Checker, node: yaml.Node, field: str) -> Endpoint | None:
     if hp is None:
         c.err(m["addr"], f"{field}.addr", f"invalid address {addr!r} (use HOST:PORT)")
         return None
-    weight = 1
-    if "weight" in m:
-        w = c.integer(m["weight"], f"{field}.weight", 0, 1_000_000)
-        if w is None:
-            return None
-        weight = w
+    weight = c.weight(m, field)
+    if weight is None:
+        return None
     identity = c.scalar(m.get("identity"), f"{field}.identity")
     return Endpoint(hp[0], hp[1], weight, identity)
 

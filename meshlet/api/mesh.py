@@ -495,12 +495,9 @@ def _workload(c: Checker, node: yaml.Node, field: str) -> Workload | None:
                        or (":" in addr and not addr.startswith("["))):
         c.err(m["address"], f"{field}.address", f"invalid address {addr!r} (HOST or HOST:PORT)")
         return None
-    weight = 1
-    if "weight" in m:
-        w = c.integer(m["weight"], f"{field}.weight", 0, 1_000_000)
-        if w is None:
-            return None
-        weight = w
+    weight = c.weight(m, field)
+    if weight is None:
+        return None
     ready = _bool(c, m.get("ready"), f"{field}.ready", True)
     return Workload(host, port, weight, ready)
 
