@@ -7,6 +7,8 @@ import socket
 import time
 from pathlib import Path
 
+from meshlet.ports import free_port as _free_port
+
 MIB = 1 << 20
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROXY_CORE = 0
@@ -19,11 +21,9 @@ class BenchError(Exception):
 
 
 def free_port() -> int:
-    """Return a loopback TCP port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """Return a loopback TCP port that was free a moment ago (outside the
+    ephemeral range, see meshlet.ports)."""
+    return _free_port(LOOPBACK)
 
 
 def port_open(port: int, timeout: float = 0.5) -> bool:

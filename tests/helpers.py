@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from meshlet.ports import free_port as _free_port
+
 __all__ = [
     "BLOCK",
     "HttpBackend",
@@ -57,11 +59,10 @@ BLOCK = hashlib.shake_256(b"meshlet-test-pattern").digest(1 << 20)
 
 
 def free_port() -> int:
-    """An ephemeral port that was free a moment ago (the machine is shared: never
-    assume a fixed port)."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    """A port that was free a moment ago, below the kernel's ephemeral range so no
+    client socket takes it in between (the machine is shared: never assume a
+    fixed port)."""
+    return _free_port(HOST)
 
 
 def eventually(fn: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:

@@ -47,6 +47,7 @@ from typing import Any
 import yaml
 
 from meshlet.api.mesh import Mesh, MeshFileError, Service, load_mesh_file
+from meshlet.ports import free_port
 
 __all__ = ["run_up"]
 
@@ -59,9 +60,7 @@ COLORS = ["36", "33", "35", "32", "34", "31", "96", "93", "95", "92", "94", "91"
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port("127.0.0.1")
 
 
 def _port_free(port: int) -> bool:
