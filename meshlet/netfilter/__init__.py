@@ -1,0 +1,1 @@
+"""iptables rules for transparent interception (`meshlet init`); see `rules`."""
