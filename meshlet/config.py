@@ -88,6 +88,8 @@ class ProxyConfig:
     failure_accrual: int
     failure_backoff: float
     failure_backoff_max: float
+    transparent: bool
+    outbound_listen: Addr | None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -184,6 +186,15 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"invalid boolean {text!r} (true or false)")
+
+
 def _optional_addr(text: str) -> Addr | None:
     return parse_addr(text) if text.strip() else None
 
@@ -249,6 +260,13 @@ _SETTINGS: dict[str, tuple[Callable[[str], Any], str, str]] = {
                         "consecutive failures (connect errors, 5xx) that eject an endpoint"),
     "failure_backoff": (parse_duration, "1s", "first ejection time (doubles per ejection)"),
     "failure_backoff_max": (parse_duration, "60s", "longest ejection time"),
+    "transparent": (_bool, "false",
+                    "transparent mode: `meshlet init` rules redirect the pod's TCP here; "
+                    "each connection's original destination (SO_ORIGINAL_DST) decides "
+                    "where it goes (inbound: that port on localhost)"),
+    "outbound_listen": (_optional_addr, "127.0.0.1:4140",
+                        "transparent mode's outbound listener (`meshlet init "
+                        "--outbound-port`)"),
 }
 
 # Variable names, where they differ from the field name.
@@ -257,6 +275,7 @@ _ENV_NAMES = {
     "admin_listen": "MESHLET_ADMIN_LISTEN_ADDR",
     "outbound": "MESHLET_OUTBOUND_LISTENERS",
     "outbound_proxy_listen": "MESHLET_OUTBOUND_PROXY_LISTEN_ADDR",
+    "outbound_listen": "MESHLET_OUTBOUND_LISTEN_ADDR",
 }
 
 
@@ -311,8 +330,11 @@ def parse_proxy_config(
         if key.startswith("MESHLET_") and key not in known and key not in _OTHER_VARS:
             errors.append(f"{key}: unknown setting (known: see `meshlet proxy --help`)")
     if not errors:
-        if values["inbound_listen"] is not None and values["app_addr"] is None:
+        if values["inbound_listen"] is not None and values["app_addr"] is None \
+                and not values["transparent"]:
             values["inbound_listen"] = None  # no app to forward to: no inbound listener
+        if not values["transparent"]:
+            values["outbound_listen"] = None
         if values["outbound"] and not values["endpoints_file"] \
                 and values["control_addr"] is None:
             errors.append(

@@ -937,10 +937,12 @@ TD = "mesh.test"
 
 
 class Control:
-    def __init__(self, state: Path, port: int, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, state: Path, port: int, proc: subprocess.Popen[bytes],
+                 host: str = "127.0.0.1") -> None:
         self.state = state
         self.port = port
         self.proc = proc
+        self.host = host
 
     @property
     def anchors(self) -> bytes:
@@ -956,14 +958,16 @@ class Control:
     def env(self) -> dict[str, str]:
         return {**os.environ, "MESHLET_CONTROL_STATE_DIR": str(self.state),
                 "MESHLET_TRUST_DOMAIN": TD,
-                "MESHLET_CONTROL_LISTEN_ADDR": f"127.0.0.1:{self.port}"}
+                "MESHLET_CONTROL_LISTEN_ADDR": f"{self.host}:{self.port}",
+                "MESHLET_CONTROL_SERVER_NAMES": f"localhost,127.0.0.1,{self.host}"}
 
 
 def start_control(state: Path, port: int | None = None, lifetime: str = "24h",
-                  mesh_file: Path | None = None) -> Iterator[Control]:
+                  mesh_file: Path | None = None, host: str = "127.0.0.1"
+                  ) -> Iterator[Control]:
     """A `meshlet control` process (a generator for contextlib / fixtures)."""
     port = port or free_port()
-    c = Control(state, port, None)  # type: ignore[arg-type]
+    c = Control(state, port, None, host)  # type: ignore[arg-type]
     env = {**c.env(), "MESHLET_CERT_LIFETIME": lifetime}
     if mesh_file is not None:
         env["MESHLET_MESH_FILE"] = str(mesh_file)
@@ -974,7 +978,7 @@ def start_control(state: Path, port: int | None = None, lifetime: str = "24h",
 
     def up() -> bool:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            socket.create_connection((host, port), timeout=0.2).close()
             return True
         except OSError:
             return False
@@ -1003,7 +1007,7 @@ def proxy_env(control: Control, tmp: Path, account: str, **more: str) -> dict[st
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "anchors.pem").write_bytes(control.anchors)
     (tmp / "token").write_text(control.token("default", account))
-    return {"MESHLET_CONTROL_ADDR": f"127.0.0.1:{control.port}",
+    return {"MESHLET_CONTROL_ADDR": f"{control.host}:{control.port}",
             "MESHLET_TRUST_ANCHORS": str(tmp / "anchors.pem"),
             "MESHLET_IDENTITY": f"spiffe://{TD}/ns/default/sa/{account}",
             "MESHLET_JOIN_TOKEN_FILE": str(tmp / "token"), **more}

@@ -7,6 +7,8 @@
         account: backend                # service account (identity); default: the name
         ports: [8080, {port: 5432, protocol: opaque}]
         opaque_ports: [6379]            # shorthand for {port, protocol: opaque}
+        address: 10.213.1.5             # optional virtual IP (like a ClusterIP): transparent
+                                        # proxies map connections to it to this service
         workloads:                      # where it runs (the control plane serves these)
           - address: 10.0.0.7           # HOST: reached on each service port
           - address: 127.0.0.1:41001    # HOST:PORT: one sidecar's inbound listener
@@ -31,6 +33,7 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import shlex
 from typing import Any
@@ -101,6 +104,7 @@ class Service:
     line: int
     routes: tuple[Route, ...] = ()
     retry_budget: RetryBudgetSpec | None = None
+    address: str | None = None  # virtual IP, normalized (`ipaddress` compressed form)
 
     @property
     def fqn(self) -> str:
@@ -123,10 +127,17 @@ class Mesh:
     trust_domain: str | None
     services: tuple[Service, ...]
     by_name: dict[str, Service] = dataclasses.field(compare=False, repr=False)
+    # Transparent mode's lookups by IP: service addresses, and workloads given as HOST.
+    by_ip: dict[str, Service] = dataclasses.field(compare=False, repr=False,
+                                                  default_factory=dict)
+    by_workload_ip: dict[str, tuple[tuple[Service, Workload], ...]] = dataclasses.field(
+        compare=False, repr=False, default_factory=dict)
 
     @classmethod
     def build(cls, trust_domain: str | None, services: tuple[Service, ...]) -> Mesh:
         by_name: dict[str, Service] = {}
+        by_ip: dict[str, Service] = {}
+        by_wip: dict[str, tuple[tuple[Service, Workload], ...]] = {}
         counts: dict[str, int] = {}
         for s in services:
             counts[s.name] = counts.get(s.name, 0) + 1
@@ -134,12 +145,23 @@ class Mesh:
             by_name[s.fqn] = s
             if counts[s.name] == 1 or s.namespace == "default":
                 by_name.setdefault(s.name, s)
-        return cls(trust_domain, services, by_name)
+            if s.address is not None:
+                by_ip[s.address] = s
+            for w in s.workloads:
+                ip = _ip(w.host) if w.port is None else None
+                if ip is not None:
+                    by_wip[ip] = (*by_wip.get(ip, ()), (s, w))
+        return cls(trust_domain, services, by_name, by_ip, by_wip)
 
     def lookup(self, host: str) -> Service | None:
-        """The service a destination host names: NAME, NAME.NS or NAME.NS.svc[.*]."""
+        """The service a destination host names: NAME, NAME.NS or NAME.NS.svc[.*], or
+        the service's `address`."""
         host = host.lower().rstrip(".")
         s = self.by_name.get(host)
+        if s is None and self.by_ip:
+            ip = _ip(host)
+            if ip is not None:
+                return self.by_ip.get(ip)
         if s is None:
             parts = host.split(".")
             if len(parts) >= 3 and parts[2] == "svc":
@@ -150,6 +172,15 @@ class Mesh:
         """The endpoints of `host:port`, or None if the mesh does not know the name or
         the service has no such port."""
         s = self.lookup(host)
+        workloads: tuple[Workload, ...] = ()
+        if s is None and self.by_workload_ip:
+            # One workload's own address (a pod IP): that workload alone, with its
+            # service's identity, on the service that has this port.
+            ip = _ip(host)
+            for svc, w in self.by_workload_ip.get(ip or "", ()):
+                if svc.port(port) is not None:
+                    s, workloads = svc, (w,)
+                    break
         if s is None:
             return None
         ps = s.port(port)
@@ -157,10 +188,20 @@ class Mesh:
             return None
         ident = s.identity(self.trust_domain or trust_domain)
         eps = tuple(Endpoint(w.host, w.port or port, w.weight, ident)
-                    for w in s.workloads if w.ready)
+                    for w in workloads or s.workloads if w.ready)
         routes = routes_to_json(s.routes, s.retry_budget) \
             if (s.routes or s.retry_budget) and ps.protocol != "opaque" else None
         return EndpointSet.make(f"{s.fqn}:{port}", eps, ps.protocol == "opaque", routes)
+
+
+def _ip(text: str) -> str | None:
+    """`text` as a normalized IP address, or None if it is not one."""
+    if not text or not (text[0].isdigit() or ":" in text):
+        return None
+    try:
+        return ipaddress.ip_address(text.strip("[]")).compressed
+    except ValueError:
+        return None
 
 
 def policy_json(p: Policy) -> dict[str, Any]:
@@ -191,6 +232,7 @@ def parse_mesh_yaml(text: str, path: str = "<mesh>") -> Mesh:
             elif snodes is not None:
                 seen: dict[str, int] = {}
                 exposed: dict[int, int] = {}
+                addresses: dict[str, int] = {}
                 for i, snode in enumerate(snodes.value):
                     s = _service(c, snode, f"services[{i}]")
                     if s is None:
@@ -205,6 +247,12 @@ def parse_mesh_yaml(text: str, path: str = "<mesh>") -> Mesh:
                                   f"port {s.expose} already exposed on line "
                                   f"{exposed[s.expose]}")
                         exposed[s.expose] = s.line
+                    if s.address is not None:
+                        if s.address in addresses:
+                            c.err(snode, f"services[{i}].address",
+                                  f"address {s.address} already used on line "
+                                  f"{addresses[s.address]}")
+                        addresses[s.address] = s.line
                     services.append(s)
     if c.errors:
         raise MeshFileError(c.errors)
@@ -239,7 +287,7 @@ def _service(c: Checker, node: yaml.Node, field: str) -> Service | None:
         return None
     c.unknown(m, {"name", "namespace", "account", "ports", "opaque_ports", "protocol",
                   "workloads", "meshed", "policy", "run", "expose", "routes",
-                  "retry_budget"}, field)
+                  "retry_budget", "address"}, field)
     n_before = len(c.errors)
     if "name" not in m:
         c.err(node, f"{field}.name", "required")
@@ -302,10 +350,18 @@ def _service(c: Checker, node: yaml.Node, field: str) -> Service | None:
             routes.append(route)
     budget = _budget(c, m["retry_budget"], f"{field}.retry_budget") \
         if "retry_budget" in m else None
+    address = c.scalar(m.get("address"), f"{field}.address")
+    if address is not None:
+        norm = _ip(address)
+        if norm is None:
+            c.err(m.get("address"), f"{field}.address", f"{address!r} is not an IP address")
+        elif not ports:
+            c.err(m.get("address"), f"{field}.address", "needs at least one port")
+        address = norm
     if len(c.errors) != n_before or name is None or ns is None or account is None:
         return None
     return Service(name, ns, account, tuple(ports), tuple(workloads), meshed, policy, run,
-                   expose, node.start_mark.line + 1, tuple(routes), budget)
+                   expose, node.start_mark.line + 1, tuple(routes), budget, address)
 
 
 def _duration(c: Checker, node: yaml.Node | None, field: str, hi: float = 3600.0

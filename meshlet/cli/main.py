@@ -68,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _up_flags(u)
     d = sub.add_parser("demo", help="`meshlet up` on the bundled example (examples/shop)")
     _up_flags(d)
+    dn = sub.add_parser("down", help="remove what `meshlet up --netns` made (after a crash)")
+    dn.add_argument("--netns", action="store_true", required=True,
+                    help="pods (network namespaces), the bridge, hosts files")
+    dn.add_argument("--state-dir", default=".meshlet/up")
     given = list(sys.argv[1:] if argv is None else argv)
     if given[:1] != ["proxy"]:  # the sidecar does not pay for the stat module (RSS)
         from meshlet.cli.routes import add_parser as _routes_parser
@@ -75,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         _stat_parsers(sub)
         _routes_parser(sub)
+        from meshlet.cli.init import add_parser as _init_parser
+
+        _init_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "proxy":
         return _run_proxy(args)
@@ -85,11 +92,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         path = args.mesh_file if args.command == "up" else _bundled_example()
         color = True if args.color == "always" else False if args.color == "never" else None
-        return run_up(path, args.state_dir, color, args.proxy_log_level)
+        return run_up(path, args.state_dir, color, args.proxy_log_level, args.netns)
+    if args.command == "down":
+        from meshlet.cli.up import run_down
+
+        return run_down(args.state_dir)
     if args.command == "routes":
         from meshlet.cli.routes import run_routes
 
         return run_routes(args)
+    if args.command == "init":
+        from meshlet.cli.init import run as run_init
+
+        return run_init(args)
     if args.command in ("stat", "check"):
         from meshlet.cli.stat import run as run_stat
 
@@ -105,6 +120,10 @@ def _up_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy-log-level", default="warning",
                    choices=("debug", "info", "warning", "error"),
                    help="sidecars' log level (default warning)")
+    p.add_argument("--netns", action="store_true",
+                   help="transparent mode, as root: each replica in its own network "
+                   "namespace with `meshlet init` rules; apps dial services by name and "
+                   "port")
 
 
 def _bundled_example() -> str:

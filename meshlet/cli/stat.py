@@ -213,6 +213,7 @@ class Endpoint:
     app_addr: str | None = None
     inbound: str | None = None
     pids: tuple[tuple[str, int], ...] = ()  # ("proxy", 2), ("app", 1)
+    netns: str | None = None  # `meshlet up --netns`: the replica's pod
 
     @property
     def title(self) -> str:
@@ -297,7 +298,8 @@ def load_state(state_dir: str) -> State:
                 kind="sidecar", name=f"{_service_label(svc, ns)} replica {r.get('replica', i)}",
                 identity=_opt_str(r, "identity", where),
                 app_addr=_opt_str(r, "app_addr", where),
-                inbound=_opt_str(r, "inbound", where), pids=pids))
+                inbound=_opt_str(r, "inbound", where), pids=pids,
+                netns=_opt_str(r, "netns", where)))
         for i, g in enumerate(ingress):
             where = f"ingress[{i}]"
             if not isinstance(g, dict):
@@ -760,6 +762,10 @@ def check_proxy(rep: Report, ep: Endpoint, ans: ProxyAnswers) -> None:
         if ep.identity and ident.get("identity") and ident["identity"] != ep.identity:
             rep.bad(f"proxy identity {ident['identity']} is not {ep.identity} as the "
                     "state file says")
+    conf = cfg.get("config")
+    transparent = isinstance(conf, dict) and conf.get("transparent") is True
+    if ep.netns is not None or transparent:
+        check_interception(rep, ep.netns, transparent)
     disc = cfg.get("discovery")
     if not isinstance(disc, dict):
         if isinstance(ident, dict):
@@ -772,6 +778,79 @@ def check_proxy(rep: Report, ep: Endpoint, ans: ProxyAnswers) -> None:
         problems = disc.get("problems") or []
         rep.bad("discovery out of sync with the control plane (serving the last "
                 "endpoints it had):", [str(p) for p in problems])
+
+
+def listening_ports(netns: str | None) -> set[int] | None:
+    """TCP ports something listens on in network namespace `netns` (None: this one),
+    read from /proc of a process inside it; None if that cannot be read."""
+    import subprocess
+
+    if netns is None:
+        pids = [str(os.getpid())]
+    else:
+        try:
+            r = subprocess.run(["ip", "netns", "pids", netns], capture_output=True,
+                               text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if r.returncode != 0:
+            return None
+        pids = r.stdout.split()
+        if not pids:
+            return set()  # no process in it: nothing can listen
+    ports: set[int] = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pids[0]}/net/{name}", encoding="ascii") as f:
+                next(f, None)
+                for line in f:
+                    cols = line.split()
+                    if len(cols) > 3 and cols[3] == "0A":  # TCP_LISTEN
+                        ports.add(int(cols[1].rpartition(":")[2], 16))
+        except OSError:
+            continue
+    return ports
+
+
+def check_interception(rep: Report, netns: str | None, transparent: bool) -> None:
+    """Rules and proxy must come together: rules redirecting to ports nothing listens
+    on refuse every connection; a transparent proxy without rules is bypassed (the
+    app's traffic goes out in plaintext, unseen)."""
+    where = f"in {netns}" if netns else "here"
+    try:
+        from meshlet.netfilter.rules import NetfilterError, installed
+
+        found = installed(netns=netns)
+    except (OSError, NetfilterError) as e:
+        rep.bad(f"interception rules {where} unreadable (needs root): {e}")
+        return
+    v4 = found.get("ipv4")
+    if v4 is None or not v4.chains:
+        if transparent:
+            rep.bad(f"no `meshlet init` rules {where}: the transparent proxy is bypassed "
+                    "(apps' traffic goes out in plaintext, without the mesh); run "
+                    "`meshlet init` once the proxy is ready")
+        else:
+            rep.ok(f"no interception rules {where} (explicit mode)")
+        return
+    if not v4.complete:
+        rep.bad(f"`meshlet init` rules {where} are incomplete (chains {v4.chains}, "
+                f"{v4.jumps} jump(s)): run `meshlet init` again")
+        return
+    listening = listening_ports(netns)
+    wanted = [p for p in (v4.inbound_port, v4.outbound_port) if p is not None]
+    if listening is None:
+        rep.bad(f"cannot tell what listens {where}")
+        return
+    missing = [p for p in wanted if p not in listening]
+    if missing:
+        rep.bad(f"rules {where} redirect TCP to port(s) {', '.join(map(str, missing))} but "
+                "nothing listens there: connections are refused (start the proxy, or "
+                "`meshlet init --uninstall`)")
+    else:
+        fams = ", ".join(f"{f} ({s.mode})" for f, s in sorted(found.items()) if s.complete)
+        rep.ok(f"interception rules {where} for {fams} redirect to the proxy's ports "
+               f"{' and '.join(map(str, wanted))}")
 
 
 def run_check(st: State, out: TextIO = sys.stdout) -> int:
@@ -827,6 +906,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "line per check; exit status 0 if all pass, 1 otherwise.")
     c.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
                    help=f"where `meshlet up` keeps up.json (default {DEFAULT_STATE_DIR})")
+    c.add_argument("--netns", metavar="NAME", default=None,
+                   help="check only the interception (rules and proxy ports) in this "
+                   "network namespace ('.': this one), without `meshlet up`")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -835,6 +917,12 @@ def run(args: argparse.Namespace) -> int:
         if cmd == "stat" and args.admin:
             eps = admin_endpoints(args.admin)
         else:
+            if cmd == "check" and args.netns is not None:
+                rep = Report(sys.stdout)
+                ns = None if args.netns == "." else args.netns
+                rep.section(f"interception in {ns or 'this network namespace'}")
+                check_interception(rep, ns, True)
+                return 1 if rep.failed else 0
             st = load_state(args.state_dir)
             if cmd == "check":
                 return run_check(st)

@@ -42,12 +42,15 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from meshlet.api.mesh import Mesh, MeshFileError, Service, load_mesh_file
 from meshlet.ports import free_port
+
+if TYPE_CHECKING:
+    from meshlet.netfilter.pods import Network
 
 __all__ = ["run_up"]
 
@@ -56,6 +59,11 @@ RESTART_MAX = 30.0
 HEALTHY_AFTER = 10.0
 STOP_APPS = 5.0
 STOP_PROXIES = 10.0
+# --netns: every pod has its own ports, so the sidecars use Linkerd's numbers.
+INBOUND_PORT = 4143
+OUTBOUND_PORT = 4140
+ADMIN_PORT = 4191
+PROXY_GID = 2102  # the sidecars' group: `meshlet init --proxy-gid` exempts its traffic
 COLORS = ["36", "33", "35", "32", "34", "31", "96", "93", "95", "92", "94", "91"]
 
 
@@ -101,6 +109,7 @@ class Child:
     cwd: str
     color: str
     kind: str  # "control" | "proxy" | "app"
+    gid: int | None = None  # run with this group (--netns sidecars: excluded by the rules)
     proc: asyncio.subprocess.Process | None = None
     started_at: float = 0.0
     backoff: float = RESTART_MIN
@@ -122,6 +131,8 @@ class Replica:
     app: Child | None = None
     ready: bool = False
     tcp: dict[str, int] = dataclasses.field(default_factory=dict)  # "svc.ns:port" -> local
+    pod: str | None = None  # --netns: the network namespace, and its address
+    ip: str = "127.0.0.1"
 
     @property
     def name(self) -> str:
@@ -137,8 +148,11 @@ class Ingress:
 
 
 class Up:
-    def __init__(self, mesh_path: Path, state_dir: Path, color: bool, proxy_log_level: str
-                 ) -> None:
+    def __init__(self, mesh_path: Path, state_dir: Path, color: bool, proxy_log_level: str,
+                 netns: bool = False) -> None:
+        self.netns = netns
+        self.network: Network | None = None
+        self.vips: dict[str, str] = {}  # service fqn -> virtual address (--netns)
         self.mesh_path = mesh_path
         self.cwd = str(mesh_path.parent)
         self.state = state_dir
@@ -177,12 +191,27 @@ class Up:
     # --- plan -----------------------------------------------------------------------
 
     def plan(self) -> None:
+        if self.netns:
+            from meshlet.netfilter.pods import Network, choose_network
+
+            self.network = net = Network(choose_network())
+            for s in self.mesh.services:
+                if s.ports:
+                    self.vips[s.fqn] = s.address or net.next_vip()
         for s in self.mesh.services:
             if s.run is None:
                 continue
             ident = s.identity(self.td) or ""
             for i in range(s.run.replicas):
                 has_port = bool(s.ports)
+                if self.network is not None:
+                    # Each replica in its own pod: fixed ports, its own address.
+                    r = Replica(s, i, ident, s.ports[0].port if has_port else None,
+                                INBOUND_PORT if has_port else None, ADMIN_PORT, 0)
+                    r.pod = f"{s.name}-{i}"
+                    r.ip = self.network.next_pod_ip()
+                    self.replicas.append(r)
+                    continue
                 self.replicas.append(Replica(
                     s, i, ident, _free_port() if has_port else None,
                     _free_port() if has_port else None, _free_port(), _free_port()))
@@ -204,13 +233,22 @@ class Up:
                 continue
             reps = [r for r in self.replicas if r.service.name == entry.get("name")
                     and r.service.namespace == entry.get("namespace", "default")]
-            wl = [{"address": f"127.0.0.1:{r.inbound_port}", "ready": r.ready}
-                  for r in reps if r.inbound_port is not None]
+            if self.netns:
+                wl = [{"address": r.ip, "ready": r.ready} for r in reps
+                      if r.inbound_port is not None]
+            else:
+                wl = [{"address": f"127.0.0.1:{r.inbound_port}", "ready": r.ready}
+                      for r in reps if r.inbound_port is not None]
             if wl:
                 entry["workloads"] = wl
             else:
                 entry.pop("workloads", None)
             entry.pop("expose", None)
+        for entry in raw.get("services") or []:
+            if isinstance(entry, dict) and self.vips:
+                fqn = f"{entry.get('name')}.{entry.get('namespace', 'default')}"
+                if fqn in self.vips:
+                    entry["address"] = self.vips[fqn]
         header = (f"# Derived by `meshlet up` from {self.mesh_path}; rewritten on every "
                   f"change. Do not edit.\n").encode()
         return header + yaml.safe_dump(raw, sort_keys=False).encode()
@@ -235,7 +273,8 @@ class Up:
         c.proc = await asyncio.create_subprocess_exec(
             *c.argv, cwd=c.cwd, env=c.env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_set_pdeathsig)
+            start_new_session=True, preexec_fn=_set_pdeathsig, group=c.gid,
+            extra_groups=[] if c.gid is not None else None)
         c.started_at = time.monotonic()
         c.pump = asyncio.get_running_loop().create_task(self.pump(c, c.proc))
 
@@ -289,9 +328,13 @@ class Up:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
+    @property
+    def control_host(self) -> str:
+        return self.network.gateway if self.network is not None else "127.0.0.1"
+
     def proxy_env(self, identity: str, token_name: str, admin: int) -> dict[str, str]:
         return {**self.base_env(),
-                "MESHLET_CONTROL_ADDR": f"127.0.0.1:{self.control_port}",
+                "MESHLET_CONTROL_ADDR": f"{self.control_host}:{self.control_port}",
                 "MESHLET_TRUST_ANCHORS": str(self.control_dir / "ca" / "root.crt"),
                 "MESHLET_IDENTITY": identity,
                 "MESHLET_JOIN_TOKEN_FILE": str(self.tokens / token_name),
@@ -303,13 +346,17 @@ class Up:
         me = [sys.executable, "-m", "meshlet"]
         self.control = self.child("control", [*me, "control"], {
             **self.base_env(),
-            "MESHLET_CONTROL_LISTEN_ADDR": f"127.0.0.1:{self.control_port}",
+            "MESHLET_CONTROL_LISTEN_ADDR": f"{self.control_host}:{self.control_port}",
+            "MESHLET_CONTROL_SERVER_NAMES": f"localhost,127.0.0.1,{self.control_host}",
             "MESHLET_CONTROL_STATE_DIR": str(self.control_dir),
             "MESHLET_TRUST_DOMAIN": self.td,
             "MESHLET_MESH_FILE": str(self.derived),
             "MESHLET_LOG_LEVEL": "warning" if self.proxy_log_level == "warning" else "info",
         }, "control", "1")
         for r in self.replicas:
+            if r.pod is not None:
+                self.make_pod_children(r, me)
+                continue
             color = next(self._colors)
             env = self.proxy_env(r.identity, f"{r.name}.token", r.admin_port)
             env["MESHLET_OUTBOUND_PROXY_LISTEN_ADDR"] = f"127.0.0.1:{r.http_proxy_port}"
@@ -359,19 +406,76 @@ class Up:
                 f"127.0.0.1:{g.listen}={s.name}.{s.namespace}:{s.ports[0].port}"
             g.proxy = self.child(f"{s.name}/ingress", [*me, "proxy"], env, "proxy")
 
+    def make_pod_children(self, r: Replica, me: list[str]) -> None:
+        """--netns: the replica's sidecar (transparent mode, the proxy group) and its app
+        inside its pod; the app dials services by name (the pod's hosts file) and port."""
+        from meshlet.netfilter.pods import NS_PREFIX
+
+        color = next(self._colors)
+        ns = ["ip", "netns", "exec", NS_PREFIX + (r.pod or "")]
+        env = self.proxy_env(r.identity, f"{r.name}.token", r.admin_port)
+        env.update({"MESHLET_TRANSPARENT": "true",
+                    "MESHLET_INBOUND_LISTEN_ADDR": f"0.0.0.0:{INBOUND_PORT}",
+                    "MESHLET_OUTBOUND_LISTEN_ADDR": f"127.0.0.1:{OUTBOUND_PORT}",
+                    "MESHLET_ADMIN_LISTEN_ADDR": f"{r.ip}:{ADMIN_PORT}"})
+        opaque = sorted({p.port for s in self.mesh.services for p in s.ports
+                         if p.protocol == "opaque"})
+        if opaque:
+            env["MESHLET_OPAQUE_PORTS"] = ",".join(map(str, opaque))
+        r.proxy = self.child(f"{r.name}/proxy", [*ns, *me, "proxy"], env, "proxy", color)
+        r.proxy.gid = PROXY_GID
+        run = r.service.run
+        assert run is not None
+        argv = list(run.command)
+        if argv[0] in ("python", "python3"):
+            argv[0] = sys.executable
+        app_env = {**self.base_env(), "REPLICA": str(r.index), "POD_IP": r.ip}
+        for s in self.mesh.services:
+            vip = self.vips.get(s.fqn)
+            if vip is None:
+                continue
+            var = s.name.upper().replace("-", "_")
+            app_env[f"{var}_SERVICE_HOST"] = vip
+            app_env[f"{var}_SERVICE_PORT"] = str(s.ports[0].port)
+            for p in s.ports:
+                app_env[f"{var}_SERVICE_PORT_{p.port}"] = str(p.port)
+        app_env.update(dict(run.env))
+        if r.app_port is not None:
+            app_env["PORT"] = str(r.app_port)
+        r.app = self.child(r.name, [*ns, *argv], app_env, "app", color)
+
     # --- readiness ------------------------------------------------------------------
 
-    async def _accepts(self, port: int) -> bool:
+    async def _accepts(self, port: int, pod: str | None = None,
+                       host: str = "127.0.0.1") -> bool:
+        """Whether 127.0.0.1:`port` accepts a connection (in `pod`'s namespace if set:
+        an app in a pod listens on its own loopback)."""
+        if pod is not None:
+            from meshlet.netfilter.pods import NS_PREFIX, socket_in
+
+            loop = asyncio.get_running_loop()
+            try:
+                s = socket_in(NS_PREFIX + pod)
+            except OSError:
+                return False
+            s.setblocking(False)
+            try:
+                await asyncio.wait_for(loop.sock_connect(s, ("127.0.0.1", port)), 0.5)
+                return True
+            except (OSError, TimeoutError):
+                return False
+            finally:
+                s.close()
         try:
-            _r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 0.5)
+            _r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 0.5)
         except (OSError, TimeoutError):
             return False
         w.close()
         return True
 
-    async def _http_ok(self, port: int, path: str) -> bool:
+    async def _http_ok(self, port: int, path: str, host: str = "127.0.0.1") -> bool:
         try:
-            r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 0.5)
+            r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 0.5)
             w.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
             line = await asyncio.wait_for(r.readline(), 1.0)
             w.close()
@@ -394,7 +498,7 @@ class Up:
                     r.ready = False
                     changed = True
                 elif not r.ready and alive and proxy_alive and r.app_port is not None \
-                        and await self._accepts(r.app_port):
+                        and await self._accepts(r.app_port, r.pod):
                     r.ready = True
                     changed = True
                     if app is not None and app.restarts:
@@ -443,16 +547,18 @@ class Up:
         state = {
             "version": 1, "pid": os.getpid(), "mesh_file": str(self.mesh_path),
             "state_dir": str(self.state), "trust_domain": self.td,
-            "control": {"addr": f"127.0.0.1:{self.control_port}",
+            "netns": self.netns,
+            "control": {"addr": f"{self.control_host}:{self.control_port}",
                         "anchors": str(self.control_dir / "ca" / "root.crt"),
                         "pid": pid(self.control)},
             "replicas": [{
                 "service": r.service.name, "namespace": r.service.namespace,
                 "replica": r.index, "identity": r.identity,
                 "app_addr": f"127.0.0.1:{r.app_port}" if r.app_port else None,
-                "inbound": f"127.0.0.1:{r.inbound_port}" if r.inbound_port else None,
-                "admin": f"127.0.0.1:{r.admin_port}",
-                "http_proxy": f"127.0.0.1:{r.http_proxy_port}",
+                "inbound": f"{r.ip}:{r.inbound_port}" if r.inbound_port else None,
+                "admin": f"{r.ip}:{r.admin_port}",
+                "http_proxy": f"127.0.0.1:{r.http_proxy_port}" if r.pod is None else None,
+                "netns": None if r.pod is None else "mshl-" + r.pod, "ip": r.ip,
                 "tcp": {k: f"127.0.0.1:{v}" for k, v in r.tcp.items()},
                 "app_pid": pid(r.app), "proxy_pid": pid(r.proxy)} for r in self.replicas],
             "ingress": [{"service": g.service.name, "listen": f"127.0.0.1:{g.listen}",
@@ -462,13 +568,21 @@ class Up:
         _write_atomic(self.state / "up.json", json.dumps(state, indent=2).encode())
 
     def table(self) -> str:
-        rows = [("SERVICE", "REPLICA", "IDENTITY", "APP", "SIDECAR", "ADMIN", "READY")]
-        for r in self.replicas:
-            rows.append((r.service.fqn, str(r.index), r.identity,
-                         f"127.0.0.1:{r.app_port}" if r.app_port else "-",
-                         f"127.0.0.1:{r.inbound_port}" if r.inbound_port else "(client)",
-                         f"127.0.0.1:{r.admin_port}", "yes" if r.ready or not r.app_port
-                         else "no"))
+        if self.netns:
+            rows = [("SERVICE", "REPLICA", "IDENTITY", "POD", "ADDRESS", "ADMIN", "READY")]
+            for r in self.replicas:
+                rows.append((r.service.fqn, str(r.index), r.identity, f"mshl-{r.pod}",
+                             f"{r.ip}:{r.app_port}" if r.app_port else r.ip,
+                             f"{r.ip}:{r.admin_port}",
+                             "yes" if r.ready or not r.app_port else "no"))
+        else:
+            rows = [("SERVICE", "REPLICA", "IDENTITY", "APP", "SIDECAR", "ADMIN", "READY")]
+            for r in self.replicas:
+                rows.append((r.service.fqn, str(r.index), r.identity,
+                             f"127.0.0.1:{r.app_port}" if r.app_port else "-",
+                             f"127.0.0.1:{r.inbound_port}" if r.inbound_port else "(client)",
+                             f"127.0.0.1:{r.admin_port}", "yes" if r.ready or not r.app_port
+                             else "no"))
         for s in self.mesh.services:
             if s.run is None:
                 eps = len([w for w in s.workloads if w.ready])
@@ -480,6 +594,8 @@ class Up:
         for g in self.ingresses:
             lines.append(f"-> {g.service.name}: http://127.0.0.1:{g.listen}/  "
                          f"(ingress sidecar, mTLS inside the mesh)")
+        for fqn, vip in self.vips.items():
+            lines.append(f"   {fqn} = {vip} (virtual address; pods resolve the name to it)")
         return "\n".join(lines)
 
     # --- the whole run --------------------------------------------------------------
@@ -500,6 +616,16 @@ class Up:
         self.state.mkdir(parents=True, exist_ok=True)
         self.tokens.mkdir(mode=0o700, exist_ok=True)
         self.plan()
+        if self.network is not None:
+            from meshlet.netfilter.pods import PodError
+
+            try:
+                self.make_pods()
+            except PodError as e:
+                self.note(f"error: {e}")
+                self.remove_pods()
+                return 1
+        self.control_port = free_port(self.control_host)
         self.sync_mesh()
         self.make_children()
         self.note(f"mesh {self.mesh_path} (trust domain {self.td}); state in {self.state}")
@@ -509,7 +635,8 @@ class Up:
             root = self.control_dir / "ca" / "root.crt"
 
             async def control_up() -> bool:
-                return root.exists() and await self._accepts(self.control_port)
+                return root.exists() and await self._accepts(self.control_port, None,
+                                                             self.control_host)
 
             await self.wait_for("the control plane", control_up, 30)
             proxies = [c for c in self.children if c.kind == "proxy"]
@@ -517,7 +644,10 @@ class Up:
                 await self.start(c)
             for r in self.replicas:
                 await self.wait_for(f"{r.name}'s sidecar",
-                                    lambda r=r: self._http_ok(r.admin_port, "/ready"), 30)
+                                    lambda r=r: self._http_ok(r.admin_port, "/ready", r.ip),
+                                    30)
+                if r.pod is not None:
+                    await self.intercept(r)
             for r in self.replicas:
                 assert r.app is not None
                 await self.start(r.app)
@@ -540,6 +670,54 @@ class Up:
         await self.shutdown()
         return 0
 
+    # --- pods (--netns) -------------------------------------------------------------
+
+    def make_pods(self) -> None:
+        from meshlet.netfilter.pods import PodError, busy_pods, cleanup
+
+        assert self.network is not None
+        busy = busy_pods()
+        if busy:
+            raise PodError(f"pods of another `meshlet up --netns` are running "
+                           f"({', '.join(busy)}): stop it, or `meshlet down --netns`")
+        gone = cleanup()  # what a crashed `up` left
+        if gone:
+            self.note(f"removed leftovers of an earlier run: {', '.join(gone)}")
+        self.network.create_bridge()
+        names: list[tuple[str, list[str]]] = []
+        for s in self.mesh.services:
+            vip = self.vips.get(s.fqn)
+            if vip is not None:
+                names.append((vip, [s.name, s.fqn, f"{s.fqn}.svc",
+                                    f"{s.fqn}.svc.cluster.local"]))
+        names += [(r.ip, [r.name]) for r in self.replicas]
+        for r in self.replicas:
+            assert r.pod is not None
+            self.network.add_pod(r.pod, r.ip, [x for x in names if x[0] != r.ip])
+        self.note(f"pods on bridge mshlbr0 ({self.network.net}, host side "
+                  f"{self.network.gateway}): {len(self.replicas)}")
+
+    async def intercept(self, r: Replica) -> None:
+        """`meshlet init` in the replica's pod, once its sidecar is ready (before
+        its app starts: nothing reaches the app around the sidecar)."""
+        argv = [sys.executable, "-m", "meshlet", "init", "--netns", f"mshl-{r.pod}",
+                "--proxy-gid", str(PROXY_GID), "--inbound-port", str(INBOUND_PORT),
+                "--outbound-port", str(OUTBOUND_PORT),
+                "--skip-inbound-ports", str(ADMIN_PORT)]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise UpError(f"meshlet init in mshl-{r.pod} failed:\n"
+                          f"{out.decode(errors='replace').strip()}")
+
+    def remove_pods(self) -> None:
+        from meshlet.netfilter.pods import cleanup
+
+        gone = cleanup()
+        self.note(f"pods removed ({len([g for g in gone if g.startswith('netns')])})")
+
     async def _all_ready(self) -> bool:
         return all(r.ready for r in self.replicas if r.app_port is not None)
 
@@ -554,6 +732,8 @@ class Up:
             self.note(f"{what} stopped ({len(group)})")
         with contextlib.suppress(OSError):
             (self.state / "up.json").unlink()
+        if self.network is not None:
+            self.remove_pods()
         shutil.rmtree(self.tokens, ignore_errors=True)
         self.note("stopped")
 
@@ -581,12 +761,46 @@ class UpError(Exception):
     pass
 
 
-def run_up(mesh_file: str, state_dir: str, color: bool | None, proxy_log_level: str) -> int:
+def run_down(state_dir: str) -> int:
+    """`meshlet down --netns`: stop a running `up` of `state_dir` (if any), then remove
+    every pod, link and hosts file meshlet made (what a crash left behind)."""
+    if os.geteuid() != 0:
+        print("meshlet down --netns: needs root", file=sys.stderr)
+        return 1
+    from meshlet.netfilter.pods import cleanup
+
+    state_file = Path(state_dir) / "up.json"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        pid = int(json.loads(state_file.read_text())["pid"])
+        os.kill(pid, signal.SIGTERM)
+        print(f"stopping meshlet up (pid {pid})")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)
+            time.sleep(0.2)
+    gone = cleanup()
+    print("removed: " + ", ".join(gone) if gone else "nothing to remove")
+    return 0
+
+
+def run_up(mesh_file: str, state_dir: str, color: bool | None, proxy_log_level: str,
+           netns: bool = False) -> int:
     path = Path(mesh_file).resolve()
     if color is None:
         color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    if netns:
+        if os.geteuid() != 0:
+            print("meshlet up --netns: needs root (it makes network namespaces, a bridge "
+                  "and iptables rules); without --netns nothing needs root",
+                  file=sys.stderr)
+            return 1
+        missing = [t for t in ("ip", "iptables") if shutil.which(t) is None]
+        if missing:
+            print(f"meshlet up --netns: {' and '.join(missing)} not found (Debian: apt-get "
+                  f"install iproute2 iptables)", file=sys.stderr)
+            return 1
     try:
-        up = Up(path, Path(state_dir).resolve(), color, proxy_log_level)
+        up = Up(path, Path(state_dir).resolve(), color, proxy_log_level, netns)
     except MeshFileError as e:
         print(f"meshlet up: invalid mesh file:\n{e}", file=sys.stderr)
         return 64

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from meshlet.proxy.http1 import H1Upstream
     from meshlet.proxy.router import Router
     from meshlet.proxy.server import Proxy
+    from meshlet.proxy.transparent import InboundPorts, OutboundDestinations
 
 __all__ = ["ListenerCtx"]
 
@@ -35,6 +36,7 @@ class ListenerCtx:
         "loop",
         "meshed",
         "metrics",
+        "orig",
         "pool",
         "proxy",
         "router",
@@ -75,12 +77,22 @@ class ListenerCtx:
         self.meshed: ListenerCtx | None = None
         # The outbound HTTP proxy listener: picks a target per request (else None).
         self.router: Router | None = None
+        # Transparent mode: each connection's context comes from its original
+        # destination (`meshlet.proxy.transparent`); this one is only the listener's.
+        self.orig: InboundPorts | OutboundDestinations | None = None
 
     def count_refused(self) -> None:
         """A connection closed at accept: a limit was reached, or shutting down."""
         self.metrics.counter("tcp_refused_total", "Connections closed at accept because a "
                              "limit was reached or the proxy is shutting down.",
                              (("direction", self.direction),))
+
+    def count_no_destination(self) -> None:
+        """Transparent mode: a connection with no original destination to go to (made
+        to the listener directly, or redirected back to this proxy: a loop)."""
+        self.metrics.counter("tcp_no_destination_total", "Transparent-mode connections "
+                             "closed at accept: made to a proxy port directly, or a "
+                             "redirect loop.", (("direction", self.direction),))
 
     def count_detect_timeout(self) -> None:
         self.metrics.counter("protocol_detect_timeout_total", "Connections that sent too "

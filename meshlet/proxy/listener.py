@@ -39,6 +39,13 @@ class Accepted(asyncio.Protocol):
         self.transport = t
         ctx = self.ctx
         proxy = ctx.proxy
+        if ctx.orig is not None:
+            c = ctx.orig.ctx_for(t.get_extra_info("socket"))
+            if c is None:
+                ctx.count_no_destination()
+                t.abort()
+                return
+            self.ctx = ctx = c
         if not proxy.conn_opened():
             ctx.count_refused()
             t.abort()

@@ -33,6 +33,7 @@ from meshlet.proxy.errors import error_response
 
 if TYPE_CHECKING:
     from meshlet.proxy.context import ListenerCtx
+    from meshlet.proxy.transparent import InboundPorts
 
 __all__ = ["ALPN_H1", "ALPN_TCP", "PeekingListener", "PeerIdentityError", "open_upstream"]
 
@@ -117,10 +118,12 @@ def _count(ctx: ListenerCtx, d: Decision, policy: str, client: str | None) -> No
 class PeekingListener:
     """Accepts on a meshed inbound port and routes each connection by its first bytes."""
 
-    def __init__(self, plain: ListenerCtx, tls: ListenerCtx, sock: socket.socket) -> None:
+    def __init__(self, plain: ListenerCtx, tls: ListenerCtx, sock: socket.socket,
+                 ports: InboundPorts | None = None) -> None:
         self.plain = plain
         self.tls = tls
         self.sock = sock
+        self.ports = ports  # transparent mode: contexts by original destination port
         self.loop = plain.loop
         self.pending = 0
         self.loop.add_reader(sock.fileno(), self._accept)
@@ -143,16 +146,27 @@ class PeekingListener:
                 self.plain.count_refused()
                 conn.close()
                 continue
+            plain, tls = self.plain, self.tls
+            if self.ports is not None:
+                pair = self.ports.get(conn)
+                if pair is None or pair[1] is None:
+                    plain.count_no_destination()
+                    conn.close()
+                    continue
+                plain, tls = pair[0], pair[1]
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _Pending(self, conn, addr[0])
+            _Pending(self, conn, addr[0], plain, tls)
 
 
 class _Pending:
     """A connection whose first bytes are not known yet (bounded by the detect timeout)."""
 
-    def __init__(self, lst: PeekingListener, conn: socket.socket, host: str) -> None:
+    def __init__(self, lst: PeekingListener, conn: socket.socket, host: str,
+                 plain: ListenerCtx, tls: ListenerCtx) -> None:
         self.lst = lst
+        self.plain = plain
+        self.tls = tls
         self.conn = conn
         self.addr = ipaddress.ip_address(host.split("%")[0])
         self.seen = -1
@@ -163,7 +177,7 @@ class _Pending:
         # server-speaks-first app waits for the detect timeout here; such ports are better
         # left out of interception for unmeshed clients.
         loop.add_reader(conn.fileno(), self._peek)
-        self.timer = loop.call_later(lst.plain.cfg.detect_timeout, self._timeout)
+        self.timer = loop.call_later(plain.cfg.detect_timeout, self._timeout)
 
     def _finish(self) -> None:
         if not self.done:
@@ -177,7 +191,7 @@ class _Pending:
         self.conn.close()
 
     def _timeout(self) -> None:
-        self.lst.plain.count_detect_timeout()
+        self.plain.count_detect_timeout()
         self._decide(None, b"")
 
     def _peek(self) -> None:
@@ -224,17 +238,18 @@ class _Pending:
 
         lst = self.lst
         loop = lst.loop
-        proxy = lst.plain.proxy
+        plain = self.plain
+        proxy = plain.proxy
         policy = proxy.policy
         if not mesh_tls:
             d = authorize(policy, None, self.addr)
-            _count(lst.plain, d, policy.name, None)
+            _count(plain, d, policy.name, None)
             if not d.allowed:
                 if detect(first) is Proto.HTTP1:
                     self.conn.send(error_response(403, "unauthorized_" + d.reason))
                 self.conn.close()
                 return
-            await loop.connect_accepted_socket(lambda: Accepted(lst.plain), self.conn)
+            await loop.connect_accepted_socket(lambda: Accepted(plain), self.conn)
             return
         ident = proxy.identity
         if ident is None or not ident.valid():
@@ -242,14 +257,14 @@ class _Pending:
             return
         try:
             await loop.connect_accepted_socket(
-                lambda: _MeshAccepted(lst.tls, self.addr), self.conn,
-                ssl=ident.server_context(), ssl_handshake_timeout=lst.plain.cfg.detect_timeout)
+                lambda: _MeshAccepted(self.tls, self.addr), self.conn,
+                ssl=ident.server_context(), ssl_handshake_timeout=plain.cfg.detect_timeout)
         except (OSError, TimeoutError) as e:
             _log_handshake_failure(loop, str(self.addr), "mesh TLS handshake from %s "
                                    "failed: %s (further failures from it are counted in "
                                    "inbound_tls_handshake_errors_total, logged once a "
                                    "minute)", self.addr, e)
-            lst.plain.metrics.counter(
+            plain.metrics.counter(
                 "inbound_tls_handshake_errors_total", "Mesh TLS handshakes that failed.",
                 (("direction", "inbound"),))
             self.conn.close()

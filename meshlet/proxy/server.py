@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from meshlet.proxy.discovery import DiscoveryClient
     from meshlet.proxy.http1 import H1Upstream
     from meshlet.proxy.identity import IdentityManager
+    from meshlet.proxy.transparent import InboundPorts, OutboundDestinations
 
 __all__ = ["Proxy", "run_proxy"]
 
@@ -64,6 +65,7 @@ class Proxy:
         self.identity: IdentityManager | None = None
         self.discovery: DiscoveryClient | None = None
         self.app_down: str | None = None  # why the app was unreachable last time
+        self._transparent: list[InboundPorts | OutboundDestinations] = []
         self._app_probe_at = -1.0
         self.metrics.gauge("pool_idle_connections", "Idle pooled upstream connections.",
                            lambda: [((), float(self.pool.idle_count()))])
@@ -171,28 +173,16 @@ class Proxy:
                 from meshlet.proxy.discovery import DiscoveryClient
 
                 self.discovery = DiscoveryClient(self)
-                if cfg.inbound_listen is not None and cfg.app_addr is not None:
+                if cfg.inbound_listen is not None and (cfg.app_addr is not None
+                                                       or cfg.transparent):
                     self.discovery.watch_policy(self._set_policy)
         if cfg.endpoints_file:
             from meshlet.api.endpoints_file import load_endpoints_file
 
             self.endpoint_sets = load_endpoints_file(cfg.endpoints_file)
             self._file_mtime = _mtime(cfg.endpoints_file)
-        if cfg.inbound_listen is not None and cfg.app_addr is not None:
-            app = cfg.app_addr
-            target: Target = Fixed(str(app), app.host, app.port, app.port in cfg.opaque_ports)
-            plain = ListenerCtx(self, "inbound", target, None, strip_mesh=True)
-            if self.identity is None:
-                await self._listen(cfg.inbound_listen, plain, str(app))
-            else:
-                from meshlet.proxy.mtls import PeekingListener
-
-                plain.set_tls("not_provided_by_remote")
-                meshed = ListenerCtx(self, "inbound", target, None, strip_mesh=True)
-                meshed.set_tls("true")
-                sock = bind(cfg.inbound_listen)
-                self.servers.append(PeekingListener(plain, meshed, sock))
-                self._listed(plain, sock, str(app))
+        if cfg.inbound_listen is not None and (cfg.app_addr is not None or cfg.transparent):
+            await self._start_inbound(cfg.inbound_listen)
         for b in cfg.outbound:
             if self.discovery is not None:
                 host, _, port = b.service.rpartition(":")
@@ -221,11 +211,17 @@ class Proxy:
             pctx.meshed.set_tls("true")
             await self._listen(cfg.outbound_proxy_listen, pctx, "(by Host: HTTP proxy)")
             router.own_ports = {int(x["listen"].rpartition(":")[2]) for x in self.listeners}
+        if cfg.outbound_listen is not None:
+            await self._start_transparent_outbound(cfg.outbound_listen)
         if cfg.endpoints_file:
             self.loop.create_task(self._watch_file(cfg.endpoints_file))
         from meshlet.proxy.admin import start_admin
 
         self.servers.append(await start_admin(self, cfg.admin_listen))
+        own = {int(x["listen"].rpartition(":")[2]) for x in self.listeners}
+        own.add(cfg.admin_listen.port)
+        for t in self._transparent:
+            t.own = own
         # Startup objects live forever: keep them out of the cyclic GC's scans, so its
         # pauses on the data path stay short.
         gc.collect()
@@ -240,8 +236,76 @@ class Proxy:
                      "admin on %s", self.identity.identity, cfg.control_addr,
                      cfg.admin_listen)
 
-    async def _listen(self, addr: Addr, ctx: ListenerCtx, target: str) -> None:
-        sock = bind(addr)
+    async def _start_inbound(self, listen: Addr) -> None:
+        """The inbound listener: to MESHLET_APP_ADDR, or in transparent mode to each
+        connection's original port on localhost (then also on IPv6 when listening on
+        every IPv4 address and the host has IPv6)."""
+        cfg = self.cfg
+        meshed = self.identity is not None
+        fixed: tuple[ListenerCtx, ListenerCtx | None] | None = None
+        if cfg.app_addr is not None:
+            app = cfg.app_addr
+            target: Target = Fixed(str(app), app.host, app.port, app.port in cfg.opaque_ports)
+            plain = ListenerCtx(self, "inbound", target, None, strip_mesh=True)
+            tls = None
+            if meshed:
+                plain.set_tls("not_provided_by_remote")
+                tls = ListenerCtx(self, "inbound", target, None, strip_mesh=True)
+                tls.set_tls("true")
+            fixed = (plain, tls)
+            where = str(app)
+        else:
+            where = "(original destination port on localhost)"
+            target = Fixed(where, "127.0.0.1", listen.port, False)  # never forwarded to
+            plain = ListenerCtx(self, "inbound", target, None, strip_mesh=True)
+            tls = ListenerCtx(self, "inbound", target, None, strip_mesh=True)
+            if meshed:
+                plain.set_tls("not_provided_by_remote")
+                tls.set_tls("true")
+        ports = None
+        if cfg.transparent:
+            from meshlet.proxy.transparent import InboundPorts
+
+            ports = InboundPorts(self, fixed, meshed)
+            self._transparent.append(ports)
+        addrs = [listen]
+        if cfg.transparent and listen.host == "0.0.0.0" and socket.has_ipv6 and _ipv6_up():
+            addrs.append(Addr("::", listen.port))
+        for addr in addrs:
+            if not meshed:
+                ctx = plain
+                if ports is not None:
+                    ctx = ListenerCtx(self, "inbound", plain.target, None, strip_mesh=True)
+                    ctx.orig = ports
+                await self._listen(addr, ctx, where, v6only=addr is not listen)
+                continue
+            from meshlet.proxy.mtls import PeekingListener
+
+            assert tls is not None
+            sock = bind(addr, v6only=addr is not listen)
+            self.servers.append(PeekingListener(plain, tls, sock, ports))
+            self._listed(plain, sock, where)
+
+    async def _start_transparent_outbound(self, listen: Addr) -> None:
+        """The transparent outbound listener: each connection to its original
+        destination, as discovery names it (`meshlet.proxy.transparent`)."""
+        from meshlet.proxy.transparent import OutboundDestinations
+
+        dsts = OutboundDestinations(self)
+        self._transparent.append(dsts)
+        addrs = [listen]
+        if listen.host == "127.0.0.1" and socket.has_ipv6 and _ipv6_up():
+            addrs.append(Addr("::1", listen.port))
+        for addr in addrs:
+            ctx = ListenerCtx(self, "outbound", Fixed("(original destination)",
+                                                      addr.host, addr.port, False),
+                              None, strip_mesh=False)
+            ctx.orig = dsts
+            await self._listen(addr, ctx, "(original destination)", v6only=addr is not listen)
+
+    async def _listen(self, addr: Addr, ctx: ListenerCtx, target: str,
+                      v6only: bool = False) -> None:
+        sock = bind(addr, v6only=v6only)
         self.servers.append(await self.loop.create_server(lambda: Accepted(ctx), sock=sock))
         self._listed(ctx, sock, target)
 
@@ -355,7 +419,7 @@ class Proxy:
         self.done.set()
 
 
-def bind(addr: Addr, backlog: int = 1024) -> socket.socket:
+def bind(addr: Addr, backlog: int = 1024, v6only: bool = False) -> socket.socket:
     """A listening socket made here rather than by the loop: uvloop resolves a host given
     to `create_server` on libuv's thread pool, which costs four threads and ~6 MB RSS."""
     family, kind, proto, _name, sockaddr = socket.getaddrinfo(
@@ -364,6 +428,8 @@ def bind(addr: Addr, backlog: int = 1024) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and v6only:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
         sock.listen(backlog)
         sock.setblocking(False)
@@ -371,6 +437,16 @@ def bind(addr: Addr, backlog: int = 1024) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _ipv6_up() -> bool:
+    """Whether this network namespace has IPv6 (a loopback ::1 to bind)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
 
 
 def _tune_malloc() -> None:
