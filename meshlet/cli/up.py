@@ -27,6 +27,13 @@ Rules:
    Changes to `run` sections need a restart of `up`.
 4. State lives in `--state-dir` (default `.meshlet/up`): the CA, tokens, the derived
    mesh file and `up.json` (addresses and pids, for `meshlet stat` and `meshlet check`).
+5. `--netns` (root): each replica in its own network namespace (`meshlet.netfilter.pods`)
+   with `meshlet init` rules, its sidecar in transparent mode (ports 4143/4140/4191,
+   group `PROXY_GID` exempt from the rules) and its app, started in that order. Every
+   service with ports gets a virtual address; pods resolve service names to it through
+   their hosts file, and apps dial names or addresses directly (no proxy variable).
+   The control plane and ingresses run on the host, on the bridge's address. On exit
+   the pods are removed; `meshlet down --netns` removes what a crash left.
 """
 
 from __future__ import annotations
@@ -639,6 +646,11 @@ class Up:
                                                              self.control_host)
 
             await self.wait_for("the control plane", control_up, 30)
+            # --netns: the rules first (like an init container), so the sidecar's own
+            # connections are born under them; nothing else runs in the pod yet.
+            for r in self.replicas:
+                if r.pod is not None:
+                    await self.intercept(r)
             proxies = [c for c in self.children if c.kind == "proxy"]
             for c in proxies:
                 await self.start(c)
@@ -646,8 +658,6 @@ class Up:
                 await self.wait_for(f"{r.name}'s sidecar",
                                     lambda r=r: self._http_ok(r.admin_port, "/ready", r.ip),
                                     30)
-                if r.pod is not None:
-                    await self.intercept(r)
             for r in self.replicas:
                 assert r.app is not None
                 await self.start(r.app)
@@ -698,8 +708,12 @@ class Up:
                   f"{self.network.gateway}): {len(self.replicas)}")
 
     async def intercept(self, r: Replica) -> None:
-        """`meshlet init` in the replica's pod, once its sidecar is ready (before
-        its app starts: nothing reaches the app around the sidecar)."""
+        """`meshlet init` in the replica's pod, before its sidecar and app start.
+        Connections opened in a network namespace before its first nat rule existed
+        stall once the rules come (seen: the sidecar's control-plane watches went
+        silent), so the rules come first; the app starts only once the sidecar is
+        ready, so nothing reaches the app around it, and until then connections to
+        the pod are refused, not lost."""
         argv = [sys.executable, "-m", "meshlet", "init", "--netns", f"mshl-{r.pod}",
                 "--proxy-gid", str(PROXY_GID), "--inbound-port", str(INBOUND_PORT),
                 "--outbound-port", str(OUTBOUND_PORT),

@@ -84,8 +84,10 @@ class Network:
         self.net = net
         hosts = list(net.hosts())
         self.gateway = str(hosts[0])
-        self._pod_ips = (str(h) for h in hosts[1:255])
-        self._vips = (str(h) for h in hosts[255:])
+        # Lower /24: the bridge (.1) and pods (.2-.254); upper /24: virtual addresses
+        # (.1-.254), so no address of either ends in .0 or .255.
+        self._pod_ips = (str(h) for h in hosts[1:253])
+        self._vips = (str(h) for h in hosts[256:509])
         self.pods: list[str] = []
         self._links = 0
 
@@ -98,14 +100,14 @@ class Network:
         try:
             return next(self._vips)
         except StopIteration:
-            raise PodError(f"more than 254 services: no virtual address left in "
+            raise PodError(f"too many services: no virtual address left in "
                            f"{self.net}") from None
 
     def next_pod_ip(self) -> str:
         try:
             return next(self._pod_ips)
         except StopIteration:
-            raise PodError(f"more than 254 pods: no address left in {self.net}") from None
+            raise PodError(f"too many pods: no address left in {self.net}") from None
 
     def add_pod(self, name: str, ip: str, hosts: Iterable[tuple[str, Iterable[str]]]) -> None:
         """Namespace `name` joined to the bridge with address `ip`; `hosts` are the

@@ -113,10 +113,10 @@ services:
 """)
         with contextlib.contextmanager(start_control)(
                 tmp / "control", mesh_file=mesh_file, host=lab.gateway) as control:
+            for p in (a, b):  # the documented order: rules, sidecar, apps
+                p.init("--skip-inbound-ports", "4191")
             start_sidecar(a, control, tmp, "a")
             start_sidecar(b, control, tmp, "b")
-            for p in (a, b):  # rules once the sidecar is ready, then the apps
-                p.init("--skip-inbound-ports", "4191")
             b.python(APPS, "http", "8080", "b")
             b.python(APPS, "echo", "9000")
             b.python(APPS, "banner", "2525")
