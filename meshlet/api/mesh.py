@@ -250,7 +250,7 @@ def parse_mesh_yaml(text: str, path: str = "<mesh>") -> Mesh:
                     if s.address is not None:
                         if s.address in addresses:
                             c.err(snode, f"services[{i}].address",
-                                  f"address {s.address} already used on line "
+                                  f"address {s.address} already used by the service on line "
                                   f"{addresses[s.address]}")
                         addresses[s.address] = s.line
                     services.append(s)

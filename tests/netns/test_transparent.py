@@ -217,6 +217,15 @@ def test_skip_ports_and_subnets_bypass_the_proxy(mesh: Mesh) -> None:
         n = outbound()
         assert curl(a, f"http://{c.ip}:7100/")[0] == 200
         assert outbound() == n  # the subnet bypassed the sidecar
+        # The proxy's own traffic by uid: a process of that uid is not redirected.
+        a.init("--skip-inbound-ports", "4191", "--proxy-uid", "2103")
+        n = outbound()
+        r = a.run("setpriv", "--reuid", "2103", "--regid", "2103", "--clear-groups",
+                  "curl", "-sS", "-m", "5", f"http://{c.ip}:7100/")
+        assert "hello from c" in r.stdout
+        assert outbound() == n
+        assert curl(a, f"http://{c.ip}:7100/")[0] == 200
+        assert outbound() > n  # root's connections still go through the sidecar
     finally:
         a.init("--skip-inbound-ports", "4191")
 

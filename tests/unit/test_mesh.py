@@ -178,3 +178,61 @@ def test_slow_subscriber_is_cut_off() -> None:
     d.subscribe(su)
     d.set_mesh(parse_mesh_yaml(GOOD.replace("weight: 2", "weight: 9"), P))
     assert closed == [True] and d.status()["subscriptions"] == 0
+
+
+ADDRESSED = """
+trust_domain: t.local
+services:
+  - name: web
+    address: 10.9.1.5
+    ports: [8080, {port: 9000, protocol: opaque}]
+    workloads: [{address: 10.9.0.2}, {address: 10.9.0.3}, {address: "127.0.0.1:4143"}]
+  - name: db
+    address: "fd00::5"
+    ports: [5432]
+    workloads: [{address: 10.9.0.2}]
+"""
+
+
+def test_lookup_by_service_address_and_workload_ip() -> None:
+    m = parse_mesh_yaml(ADDRESSED, "m.yaml")
+    es = m.endpoint_set("10.9.1.5", 8080, "x")
+    assert es is not None and es.service == "web.default:8080"
+    assert [e.addr for e in es.endpoints] == ["10.9.0.2:8080", "10.9.0.3:8080",
+                                              "127.0.0.1:4143"]
+    es = m.endpoint_set("10.9.1.5", 9000, "x")
+    assert es is not None and es.opaque
+    assert m.endpoint_set("10.9.1.5", 1234, "x") is None  # no such port
+    # One workload's own address: that workload alone, its service's identity.
+    es = m.endpoint_set("10.9.0.3", 8080, "x")
+    assert es is not None and [e.addr for e in es.endpoints] == ["10.9.0.3:8080"]
+    assert es.endpoints[0].identity == "spiffe://t.local/ns/default/sa/web"
+    # A pod serving two services: the port decides.
+    es = m.endpoint_set("10.9.0.2", 5432, "x")
+    assert es is not None and es.service == "db.default:5432"
+    # IPv6 addresses are compared in normal form.
+    assert m.endpoint_set("fd00:0:0::5", 5432, "x") is not None
+    assert m.endpoint_set("10.9.9.9", 8080, "x") is None
+
+
+def test_address_errors() -> None:
+    bad = """
+services:
+  - name: a
+    address: not-an-ip
+    ports: [80]
+  - name: b
+    address: 10.0.0.1
+  - name: c
+    address: 10.0.0.2
+    ports: [80]
+  - name: d
+    address: 10.0.0.2
+    ports: [80]
+"""
+    with pytest.raises(MeshFileError) as e:
+        parse_mesh_yaml(bad, "m.yaml")
+    text = str(e.value)
+    assert "m.yaml:4: services[0].address: 'not-an-ip' is not an IP address" in text
+    assert "services[1].address: needs at least one port" in text
+    assert "services[3].address: address 10.0.0.2 already used by the service on line 8" in text
