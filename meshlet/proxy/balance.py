@@ -15,6 +15,8 @@ import random
 from bisect import bisect_right
 from itertools import accumulate
 from math import exp as _exp
+from math import inf as _inf
+from math import log as _log
 from time import monotonic as _monotonic
 from typing import TYPE_CHECKING
 
@@ -22,6 +24,8 @@ from meshlet.api.endpoints import Endpoint, EndpointSet
 
 if TYPE_CHECKING:
     from meshlet.proxy.routing import RouteTable
+
+_LOG1 = [_log(k + 1) for k in range(256)]  # log(in flight + 1), for picks
 
 __all__ = ["MAX_WAITERS", "RESOLVE_TIMEOUT", "Balancer", "EpState", "Fixed", "Target"]
 
@@ -35,13 +39,16 @@ class EpState:
     """What the balancer knows of one endpoint: its latency estimate, requests in flight,
     and failure accrual."""
 
-    __slots__ = ("cost", "ejected_until", "ejections", "ep", "fails", "pending", "probing",
-                 "stamp")
+    __slots__ = ("cost", "ejected_until", "ejections", "ep", "fails", "lcost", "pending",
+                 "probing", "stamp")
 
     def __init__(self, ep: Endpoint, default_rtt: float) -> None:
         self.ep = ep
         self.cost = default_rtt  # peak-EWMA of the time to the response head, seconds
         self.stamp = 0.0  # when `cost` was last updated (0: never)
+        # log(cost) + stamp / decay: the decayed cost's log, plus now / decay. Picks
+        # compare these (plus log(in flight + 1)): no clock and no exp per request.
+        self.lcost = 0.0
         self.pending = 0  # requests in flight
         self.fails = 0  # consecutive failures
         self.ejections = 0  # consecutive ejections (backoff exponent)
@@ -164,6 +171,7 @@ class Balancer(Target):
                 st = EpState(e, self.default_rtt)
                 if prev is not None:  # same address, new weight: keep what we learnt
                     st.cost, st.stamp, st.pending = prev.cost, prev.stamp, prev.pending
+                    st.lcost = prev.lcost
             states[e.key] = st
         self._states = states
         self._all = tuple(states[e.key] for e in eps if e.weight > 0)
@@ -209,16 +217,22 @@ class Balancer(Target):
                     return live[i]
         a = live[i]
         b = live[j]
-        now = _monotonic()
-        decay = self.decay
+        # cost * exp((stamp - now) / decay) * (pending + 1), compared in log form: the
+        # common `- now / decay` cancels out.
+        pa = a.pending
         if a.stamp:
-            la = a.cost * _exp((a.stamp - now) / decay) * (a.pending + 1)
-        else:  # never answered: tried first, unless it already has requests in flight
-            la = self.default_rtt * a.pending
-        if b.stamp:
-            lb = b.cost * _exp((b.stamp - now) / decay) * (b.pending + 1)
+            la = a.lcost + (_LOG1[pa] if pa < 256 else _log(pa + 1))
+        elif pa:  # never answered: tried first, unless it has requests in flight
+            la = _log(self.default_rtt * pa) + _monotonic() / self.decay
         else:
-            lb = self.default_rtt * b.pending
+            la = -_inf
+        pb = b.pending
+        if b.stamp:
+            lb = b.lcost + (_LOG1[pb] if pb < 256 else _log(pb + 1))
+        elif pb:
+            lb = _log(self.default_rtt * pb) + _monotonic() / self.decay
+        else:
+            lb = -_inf
         return b if lb < la else a
 
     def pick(self, exclude: Endpoint | None = None) -> Endpoint | None:
@@ -253,6 +267,7 @@ class Balancer(Target):
             w = _exp((s.stamp - now) / self.decay)
             s.cost = s.cost * w + rtt * (1.0 - w)
         s.stamp = now or 1e-9
+        s.lcost = _log(s.cost if s.cost > 1e-9 else 1e-9) + s.stamp / self.decay
         if failed:
             self.failure(s)
         elif s.fails or s.probing:

@@ -266,7 +266,7 @@ class H1Downstream(asyncio.Protocol):
             if route is not None:
                 if self.waited and route.backends:
                     target = self.target  # the backend drawn before waiting for it
-                else:
+                elif route.cum:
                     svc = route.backend()
                     if svc:  # traffic split: another service
                         target = backend_target(target, svc, ctx.proxy.lookup)
@@ -377,25 +377,29 @@ class H1Downstream(asyncio.Protocol):
     # --- routes: timeouts and retries -------------------------------------------------
 
     def _begin_route(self, route: CompiledRoute, rt: RouteTable | None) -> None:
-        self._cancel_route_timers()
+        # Per request on routed destinations: kept to plain attribute work.
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
         self.route = route
         self.rt = rt
         self.tries = 0
         self.replay = None
-        r = route.route
-        if r.timeout:
-            self.resp_timeout = r.timeout
+        timeout = route.timeout
+        if timeout:
+            self.resp_timeout = timeout
             self.timeout_reason = "request_timeout"
         elif self.resp_timeout != self.ctx.cfg.response_timeout:
             self.resp_timeout = self.ctx.cfg.response_timeout
             self.timeout_reason = "response_timeout"
-        retry = r.retry
-        if retry is not None and rt is not None:
-            self.retry_on = route.retry_on
+        retry_on = route.retry_on
+        if retry_on is not None and rt is not None:
+            self.retry_on = retry_on
             rt.budget.deposit(self.started)
         else:
             self.retry_on = None
-        self._arm_try()
+        if route.per_try:
+            self.try_timer = self.ctx.loop.call_later(route.per_try, self._on_try_timeout)
 
     def _end_route(self) -> None:
         self._cancel_route_timers()

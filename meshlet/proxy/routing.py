@@ -29,10 +29,12 @@ if TYPE_CHECKING:
 __all__ = ["CompiledRoute", "RetryBudget", "RouteTable", "backend_target", "head_fields"]
 
 BUCKETS = 10
+CACHE_ENTRIES = 1024  # route decisions remembered per destination
+CACHE_KEY_MAX = 256  # longer "METHOD path" keys are matched every time
 
 
 class RetryBudget:
-    __slots__ = ("_dep", "_i", "_stamp", "_wd", "min_total", "ratio", "width")
+    __slots__ = ("_dep", "_i", "_next", "_stamp", "_wd", "min_total", "ratio", "width")
 
     def __init__(self, spec: RetryBudgetSpec) -> None:
         self.ratio = spec.ratio
@@ -42,6 +44,7 @@ class RetryBudget:
         self._wd = [0] * BUCKETS
         self._i = 0
         self._stamp = 0.0  # start of the current bucket
+        self._next = self.width  # when the current bucket ends
 
     def _advance(self, now: float) -> None:
         steps = int((now - self._stamp) / self.width)
@@ -52,10 +55,12 @@ class RetryBudget:
             self._dep[self._i] = 0
             self._wd[self._i] = 0
         self._stamp = now
+        self._next = now + self.width
 
     def deposit(self, now: float) -> None:
         """A request that could be retried was sent."""
-        self._advance(now)
+        if now >= self._next:
+            self._advance(now)
         self._dep[self._i] += 1
 
     def try_withdraw(self, now: float) -> bool:
@@ -80,8 +85,10 @@ class CompiledRoute:
         "cum",
         "drop",
         "has_headers",
+        "per_try",
         "retry_on",
         "route",
+        "timeout",
     )
 
     def __init__(self, route: Route) -> None:
@@ -102,7 +109,10 @@ class CompiledRoute:
         self.drop = frozenset(k.lower().encode() for k, _ in route.set_headers) | \
             frozenset(k.encode() for k in route.remove_headers)
         r = route.retry
+        # Retryable iff not None (statuses may be empty: connection failures only).
         self.retry_on: frozenset[int] | None = r.statuses if r is not None else None
+        self.per_try = r.per_try_timeout if r is not None and r.per_try_timeout else 0.0
+        self.timeout = route.timeout or 0.0
 
     def backend(self) -> str:
         """The backend service for this request ("": the destination itself)."""
@@ -126,7 +136,7 @@ def head_fields(raw: bytes) -> dict[bytes, bytes]:
 class RouteTable:
     """A destination's routes, compiled; `budget` is shared by its retryable routes."""
 
-    __slots__ = ("_flat", "_re", "budget", "has_headers", "raw", "routes")
+    __slots__ = ("_cache", "_flat", "_re", "budget", "has_headers", "raw", "routes")
 
     def __init__(self, raw: dict[str, Any]) -> None:
         routes, spec = routes_from_json(raw)
@@ -136,6 +146,9 @@ class RouteTable:
         self.budget = RetryBudget(spec or RetryBudgetSpec())
         self._flat: list[tuple[int, tuple[tuple[bytes, bytes], ...]]] = []
         self._re = self._compile()
+        # "METHOD path" -> the alternation's answer (index into _flat, -1: none). Only
+        # method and path decide it, so it is exact; bounded in entries and key size.
+        self._cache: dict[bytes, int] = {}
 
     def _compile(self) -> re.Pattern[bytes] | None:
         """The alternation behind `match` (None if a route's own regex has groups that
@@ -173,10 +186,18 @@ class RouteTable:
         big = self._re
         if big is None:
             return self._scan(req, path, 0)
-        m = big.fullmatch(req.method + b" " + path)
-        if m is None:
+        key = req.method + b" " + path
+        i = self._cache.get(key)
+        if i is None:
+            m = big.fullmatch(key)
+            i = -1 if m is None else int(m.lastgroup[1:])  # type: ignore[index]
+            if len(key) <= CACHE_KEY_MAX:
+                cache = self._cache
+                if len(cache) >= CACHE_ENTRIES:
+                    cache.clear()
+                cache[key] = i
+        if i < 0:
             return None
-        i = int(m.lastgroup[1:])  # type: ignore[index]
         ri, hdrs = self._flat[i]
         if not hdrs:
             return self.routes[ri]
