@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import argparse
 
 from meshlet import __version__
 from meshlet.config import (
@@ -23,6 +26,7 @@ __all__ = ["main"]
 
 
 def _proxy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    import argparse
     p = sub.add_parser(
         "proxy",
         help="run the sidecar proxy",
@@ -55,6 +59,13 @@ def _control_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given == ["proxy"]:
+        # The sidecar configured by its environment alone (the usual case): no argparse,
+        # whose import costs every proxy ~400 KB of RSS.
+        return _run_proxy(None)
+    import argparse
+
     parser = argparse.ArgumentParser(prog="meshlet", description="A small, fast service mesh.")
     parser.add_argument("--version", action="version", version=f"meshlet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,7 +83,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     dn.add_argument("--netns", action="store_true", required=True,
                     help="pods (network namespaces), the bridge, hosts files")
     dn.add_argument("--state-dir", default=".meshlet/up")
-    given = list(sys.argv[1:] if argv is None else argv)
     if given[:1] != ["proxy"]:  # the sidecar does not pay for the stat module (RSS)
         from meshlet.cli.routes import add_parser as _routes_parser
         from meshlet.cli.stat import add_parsers as _stat_parsers
@@ -131,10 +141,11 @@ def _bundled_example() -> str:
     return os.path.join(here, "examples", "shop", "mesh.yaml")
 
 
-def _run_proxy(args: argparse.Namespace) -> int:
+def _run_proxy(args: argparse.Namespace | None) -> int:
     from meshlet.config import _SETTINGS, env_name
 
-    flags = {f: getattr(args, env_name(f).removeprefix("MESHLET_").lower()) for f in _SETTINGS}
+    flags = {} if args is None else {
+        f: getattr(args, env_name(f).removeprefix("MESHLET_").lower()) for f in _SETTINGS}
     try:
         cfg = parse_proxy_config(os.environ, flags)
     except ConfigError as e:

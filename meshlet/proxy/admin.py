@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 from typing import TYPE_CHECKING
 
 from meshlet.config import Addr
@@ -80,6 +79,8 @@ class _Admin(asyncio.Protocol):
         if path == b"/live":
             return _response(200, b"live\n")
         if path == b"/config":
+            import json  # only when asked: `json` costs an idle proxy ~150 KB RSS
+
             body = json.dumps(proxy.config_view(), indent=2).encode() + b"\n"
             return _response(200, body, b"application/json")
         if path == b"/shutdown":

@@ -422,9 +422,14 @@ class Proxy:
 def bind(addr: Addr, backlog: int = 1024, v6only: bool = False) -> socket.socket:
     """A listening socket made here rather than by the loop: uvloop resolves a host given
     to `create_server` on libuv's thread pool, which costs four threads and ~6 MB RSS."""
-    family, kind, proto, _name, sockaddr = socket.getaddrinfo(
-        addr.host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
+    family = _numeric_family(addr.host)
+    if family is not None:  # an IP literal: no resolver (and no `idna` codec, ~450 KB)
+        kind, proto = socket.SOCK_STREAM, 0
+        sockaddr: tuple[Any, ...] = (addr.host, addr.port)
+    else:
+        family, kind, proto, _name, sockaddr = socket.getaddrinfo(
+            addr.host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -437,6 +442,16 @@ def bind(addr: Addr, backlog: int = 1024, v6only: bool = False) -> socket.socket
         sock.close()
         raise
     return sock
+
+
+def _numeric_family(host: str) -> socket.AddressFamily | None:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return family
+        except OSError:
+            continue
+    return None
 
 
 def _ipv6_up() -> bool:
