@@ -108,9 +108,17 @@ class Accepted(asyncio.Protocol):
             if buf:
                 h.data_received(buf)
             return
-        # HTTP/2, TLS that is not ours and anything else: opaque until their issues land.
         ctx.metrics.counter("protocol_detect_total", "Connections by detected protocol.",
                             (("direction", ctx.direction), ("protocol", proto.value)))
+        if proto is Proto.HTTP2:
+            from meshlet.proxy.http2 import H2Downstream
+
+            h2 = H2Downstream(ctx)
+            t.set_protocol(h2)
+            h2.connection_made(t)
+            h2.data_received(buf)
+            return
+        # TLS that is not ours and anything else: opaque.
         start_relay(ctx, t, buf)
 
     def _timeout(self) -> None:

@@ -35,12 +35,14 @@ if TYPE_CHECKING:
     from meshlet.proxy.context import ListenerCtx
     from meshlet.proxy.transparent import InboundPorts
 
-__all__ = ["ALPN_H1", "ALPN_TCP", "PeekingListener", "PeerIdentityError", "open_upstream"]
+__all__ = ["ALPN_H1", "ALPN_H2", "ALPN_TCP", "PeekingListener", "PeerIdentityError",
+           "open_upstream"]
 
 log = logging.getLogger("meshlet.mtls")
 
 ALPN_H1 = "meshlet/h1"
 ALPN_TCP = "meshlet/tcp"
+ALPN_H2 = "meshlet/h2"
 
 
 class _OncePerMinute:
@@ -300,6 +302,14 @@ class _MeshAccepted(asyncio.Protocol):
         ctx.tcp_src.opened += 1
         if alpn == ALPN_TCP:
             start_relay(ctx, t, b"")
+            return
+        if alpn == ALPN_H2:
+            from meshlet.proxy.http2 import H2Downstream
+
+            h2 = H2Downstream(ctx)
+            h2.client_line = client.encode() if client else b""
+            t.set_protocol(h2)
+            h2.connection_made(t)
             return
         h = H1Downstream(ctx)
         h.client_line = f"meshlet-client-id: {client}\r\n".encode() if client else b""

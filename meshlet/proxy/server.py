@@ -32,6 +32,7 @@ from meshlet.proxy.pool import Pool
 if TYPE_CHECKING:
     from meshlet.proxy.discovery import DiscoveryClient
     from meshlet.proxy.http1 import H1Upstream
+    from meshlet.proxy.http2 import H2Upstream
     from meshlet.proxy.identity import IdentityManager
     from meshlet.proxy.transparent import InboundPorts, OutboundDestinations
 
@@ -66,6 +67,8 @@ class Proxy:
         self.discovery: DiscoveryClient | None = None
         self.app_down: str | None = None  # why the app was unreachable last time
         self._transparent: list[InboundPorts | OutboundDestinations] = []
+        # HTTP/2 upstream connections per endpoint key (`meshlet.proxy.http2`).
+        self.h2pool: dict[tuple[str, int, str], list[H2Upstream]] = {}
         self._app_probe_at = -1.0
         self.metrics.gauge("pool_idle_connections", "Idle pooled upstream connections.",
                            lambda: [((), float(self.pool.idle_count()))])

@@ -185,10 +185,3 @@ def test_outbound_opaque_by_discovery_hint_or_port(banner: TcpServer, start_prox
         assert s.recv(100) == b"220 server speaks first\r\n"
         assert time.monotonic() - t0 < 2, "an opaque service must not wait for detection"
 
-
-def test_http2_prior_knowledge_is_relayed(echo: TcpServer, start_proxy: Any) -> None:
-    p = start_proxy(app=echo.port)
-    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-    assert half_close_exchange(p.inbound_port, preface) == b"got:" + preface
-    m = p.metrics()
-    assert metric(m, "protocol_detect_total", direction="inbound", protocol="h2") == 1
