@@ -63,12 +63,15 @@ _TCP_SERIES = (
 class HttpStats:
     """Request/response counters and the latency histogram for one label set."""
 
-    __slots__ = ("buckets", "labels", "latency_count", "latency_sum", "requests", "responses")
+    __slots__ = ("buckets", "grpc", "labels", "latency_count", "latency_sum", "requests",
+                 "responses")
 
     def __init__(self, labels: Labels) -> None:
         self.labels = labels
         self.requests = 0
         self.responses: dict[tuple[int, bool], int] = {}
+        # gRPC responses by (HTTP status, grpc-status): classified by the grpc-status.
+        self.grpc: dict[tuple[int, int], int] = {}
         self.buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
         self.latency_sum = 0.0
         self.latency_count = 0
@@ -81,6 +84,14 @@ class HttpStats:
         self.latency_sum += latency_ms
         self.latency_count += 1
 
+
+    def grpc_response(self, status: int, grpc_status: int, latency_ms: float) -> None:
+        key = (status, grpc_status)
+        g = self.grpc
+        g[key] = g.get(key, 0) + 1
+        self.buckets[bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += 1
+        self.latency_sum += latency_ms
+        self.latency_count += 1
 
     def retract(self, status: int, latency_ms: float) -> None:
         """Undo one `response` (a head counted, then replaced by a proxy error)."""
@@ -178,6 +189,11 @@ class Metrics:
             for (status, ok), n in sorted(st.responses.items()):
                 labels = (*st.labels, ("status_code", str(status)),
                           ("classification", "success" if ok else "failure"))
+                w(f"response_total{_fmt(labels)} {n}")
+            for (status, code), n in sorted(st.grpc.items()):
+                labels = (*st.labels, ("status_code", str(status)),
+                          ("grpc_status", str(code)),
+                          ("classification", "success" if code == 0 else "failure"))
                 w(f"response_total{_fmt(labels)} {n}")
         w("# HELP response_latency_ms Elapsed times between a request's headers being "
           "received and its response's headers being sent.")

@@ -68,6 +68,7 @@ S_BODY = 2  # streaming the request body upstream
 S_WAIT = 3  # request sent; waiting for the response to complete
 S_TUNNEL = 4  # after a 101: bytes both ways
 S_CLOSED = 5
+LINGER = 1.0  # seconds an error response's connection keeps draining input before close
 
 # Reasons the client side is not being read.
 P_UPSTREAM_FULL = 1
@@ -842,7 +843,24 @@ class H1Downstream(asyncio.Protocol):
         data = error_response(status, reason)
         self.transport.write(data)
         self.ctx.tcp_src.write_bytes += len(data)
-        self.transport.close()
+        self._linger_close()
+
+    def _linger_close(self) -> None:
+        """Close after an error response without losing it (RFC 9112 section 9.6): send
+        FIN first, then read and drop what the client still sends for up to `LINGER`
+        seconds. Closing with unread input makes the kernel answer with a reset, which
+        can destroy the response before the client reads it."""
+        t = self.transport
+        try:
+            if not t.can_write_eof():
+                t.close()
+                return
+            t.write_eof()
+            t.resume_reading()
+        except (OSError, RuntimeError):
+            t.close()
+            return
+        self.ctx.loop.call_later(LINGER, t.close)
 
     def _abort_exchange(self, status: int, reason: str) -> None:
         """A malformed request body: with a response under way, the only answer left

@@ -71,8 +71,9 @@ _GRPC_DEADLINE = b"4"
 class _Stream:
     """One proxied exchange: a downstream stream and its upstream stream."""
 
-    __slots__ = ("down", "down_done", "ep", "es", "grpc", "sid", "started", "stats",
-                 "status", "to_down", "to_up", "uid", "up", "up_done")
+    __slots__ = ("deadline", "down", "down_done", "ep", "es", "grpc", "grpc_status", "sent",
+                 "sid", "started", "stats", "status", "to_down", "to_up", "uid", "up",
+                 "up_done")
 
     def __init__(self, down: H2Downstream, sid: int, stats: HttpStats, grpc: bool,
                  started: float) -> None:
@@ -83,6 +84,10 @@ class _Stream:
         self.stats = stats
         self.grpc = grpc
         self.started = started
+        # When the request went out on an upstream connection: the balancer's latency
+        # sample starts here, so a new connection's handshake does not count against
+        # the endpoint.
+        self.sent = started
         self.status = 0  # the response's, once its head went down
         self.ep: Endpoint | None = None
         self.es: EpState | None = None
@@ -92,6 +97,8 @@ class _Stream:
         self.to_down: deque[tuple[Any, bool]] = deque()
         self.up_done = False  # the request was sent whole
         self.down_done = False  # the response was sent whole (or the stream ended)
+        self.grpc_status = -1  # from the trailers (or a trailers-only response)
+        self.deadline: asyncio.TimerHandle | None = None  # grpc-timeout
 
 
 def _grpc(headers: tuple[tuple[bytes, bytes], ...]) -> bool:
@@ -99,6 +106,25 @@ def _grpc(headers: tuple[tuple[bytes, bytes], ...]) -> bool:
         if k == b"content-type":
             return v.startswith(b"application/grpc")
     return False
+
+
+def _grpc_status(headers: Any) -> int:
+    for k, v in headers:
+        if k == b"grpc-status":
+            return int(v) if v.isdigit() and len(v) <= 3 else 2  # 2: UNKNOWN
+    return -1
+
+
+_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+
+def grpc_timeout(value: bytes) -> float | None:
+    """Seconds of a `grpc-timeout` value ("100m", "5S": at most 8 digits and a unit)."""
+    unit = _TIMEOUT_UNITS.get(value[-1:])
+    digits = value[:-1]
+    if unit is None or not digits.isdigit() or len(digits) > 8:
+        return None
+    return int(digits) * unit
 
 
 class _Leg(asyncio.Protocol):
@@ -226,6 +252,7 @@ class H2Downstream(_Leg):
             self.conn.send_rst(ev.stream_id, REFUSED_STREAM)
             return
         authority = b""
+        timeout: float | None = None
         out: list[tuple[bytes, bytes]] = []
         strip = ctx.strip_mesh
         for k, v in ev.headers:
@@ -233,6 +260,8 @@ class H2Downstream(_Leg):
                 authority = v
             elif k in _HOP or (strip and k.startswith(b"meshlet-")):
                 continue
+            elif k == b"grpc-timeout":
+                timeout = grpc_timeout(v)
             out.append((k, v))
         if self.client_line:
             out.append((b"meshlet-client-id", self.client_line))
@@ -240,6 +269,10 @@ class H2Downstream(_Leg):
         stats.requests += 1
         st = _Stream(self, ev.stream_id, stats, _grpc(ev.headers), ctx.loop.time())
         self.streams[ev.stream_id] = st
+        if timeout is not None:
+            # The caller's deadline, honoured here too: the proxy answers
+            # DEADLINE_EXCEEDED (and resets the upstream stream) if the app is late.
+            st.deadline = ctx.loop.call_later(timeout, self._deadline, st)
         ep = ctx.fixed
         if ep is None:
             es = ctx.target.choose()
@@ -258,6 +291,16 @@ class H2Downstream(_Leg):
         up.attach(st, tuple(out), ev.end_stream)
         if ev.end_stream:
             st.up_done = True
+
+    def _deadline(self, st: _Stream) -> None:
+        st.deadline = None
+        if st.down_done:
+            return
+        up = st.up
+        self._fail(st, 504, "deadline_exceeded")
+        if up is not None:
+            up.cancel(st)
+        self.flush()
 
     def _on_data(self, ev: DataReceived) -> None:
         st = self.streams.get(ev.stream_id)
@@ -282,6 +325,8 @@ class H2Downstream(_Leg):
         headers = [(k, v) for k, v in ev.headers if k not in _HOP]
         if ev.status >= 200:
             st.status = ev.status
+            if st.grpc and ev.end_stream:
+                st.grpc_status = _grpc_status(headers)
         try:
             self.conn.send_headers(st.sid, headers, ev.end_stream)
         except UsageError:
@@ -302,6 +347,8 @@ class H2Downstream(_Leg):
         conn = self.conn
         try:
             if isinstance(item, tuple):
+                if st.grpc:
+                    st.grpc_status = _grpc_status(item)
                 conn.send_headers(st.sid, item, True)
                 self._finished(st)
                 return True
@@ -338,13 +385,19 @@ class H2Downstream(_Leg):
         if st.down_done:
             return
         st.down_done = True
-        latency_ms = (self.ctx.loop.time() - st.started) * 1000.0
-        st.stats.response(st.status or 502, latency_ms)
+        if st.deadline is not None:
+            st.deadline.cancel()
+            st.deadline = None
+        now = self.ctx.loop.time()
+        latency_ms = (now - st.started) * 1000.0
+        if st.grpc_status >= 0:
+            st.stats.grpc_response(st.status or 502, st.grpc_status, latency_ms)
+        else:
+            st.stats.response(st.status or 502, latency_ms)
         es = st.es
         if es is not None:
             st.es = None
-            self.ctx.target.observe(es, latency_ms / 1000.0, self.ctx.loop.time(),
-                                    st.status >= 500)
+            self.ctx.target.observe(es, now - st.sent, now, st.status >= 500)
         self.streams.pop(st.sid, None)
         if st.up is not None:
             st.up.detach(st)
@@ -367,6 +420,9 @@ class H2Downstream(_Leg):
             st.stats.response(st.status, (self.ctx.loop.time() - st.started) * 1000.0)
             return
         st.status = status
+        if st.deadline is not None:
+            st.deadline.cancel()
+            st.deadline = None
         if st.grpc:
             code = _GRPC_DEADLINE if status == 504 else _GRPC_UNAVAILABLE
             headers = [(b":status", b"200"), (b"content-type", b"application/grpc"),
@@ -392,7 +448,12 @@ class H2Downstream(_Leg):
             self.ctx.target.observe(es, self.ctx.loop.time() - st.started,
                                     self.ctx.loop.time(), True)
         st.down_done = True
-        st.stats.response(status, (self.ctx.loop.time() - st.started) * 1000.0)
+        latency_ms = (self.ctx.loop.time() - st.started) * 1000.0
+        if st.grpc:
+            st.grpc_status = 4 if status == 504 else 14
+            st.stats.grpc_response(200, st.grpc_status, latency_ms)
+        else:
+            st.stats.response(status, latency_ms)
         self.streams.pop(st.sid, None)
         if st.up is not None:
             st.up.detach(st)
@@ -411,6 +472,9 @@ class H2Downstream(_Leg):
     def _abandon(self, st: _Stream) -> None:
         """The client is gone or reset the stream: reset the upstream one."""
         st.down_done = True
+        if st.deadline is not None:
+            st.deadline.cancel()
+            st.deadline = None
         es = st.es
         if es is not None:
             st.es = None
@@ -482,6 +546,7 @@ class H2Upstream(_Leg):
             st.down.fail(st, 503, "upstream_unavailable")
             return
         st.uid = uid
+        st.sent = self.ctx.loop.time()
         self.streams[uid] = st
         q = st.to_up
         while q:
