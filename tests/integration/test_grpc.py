@@ -132,7 +132,7 @@ def test_all_call_kinds_and_balancing(mesh: tuple[Any, list[Replica], ProxyProce
 
 
 def test_deadline_and_cancellation(mesh: tuple[Any, list[Replica], ProxyProcess]) -> None:
-    channel, replicas, a = mesh
+    channel, replicas, _a = mesh
     t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as e:
         channel.unary_unary("/mesh.Echo/Sleep")(b"3", timeout=0.3)
