@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from h2backend import H2Backend
@@ -133,3 +134,144 @@ def test_h2_between_two_meshed_proxies_over_mtls(control: Control, h2app: H2Back
             assert "500 succeeded, 0 failed, 0 errored" in r.stdout, r.stdout
             assert metric(b.metrics(), "tcp_open_total", direction="inbound", peer="src",
                           tls="true", client_id=client) >= 1
+
+
+def _h2_client_socket(port: int) -> tuple[Any, Any]:
+    import socket
+
+    import h2.config
+    import h2.connection
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                             header_encoding=None))
+    c.initiate_connection()
+    s.sendall(c.data_to_send())
+    return s, c
+
+
+def test_rapid_reset_is_cut_off_and_bounded(h2app: H2Backend) -> None:
+    """CVE-2023-44487: streams opened and reset at once, thousands of them. The proxy
+    answers with GOAWAY ENHANCE_YOUR_CALM past its limit, forwards a bounded number of
+    streams, stays small, and keeps serving other clients."""
+    import h2.events
+
+    with ProxyProcess(app=h2app.port) as p:
+        assert p.inbound_port is not None
+        s, c = _h2_client_socket(p.inbound_port)
+        head = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/x"),
+                (b":authority", b"t")]
+        goaway = None
+        sent = 0
+        try:
+            for batch in range(50):
+                for _ in range(100):
+                    sid = c.get_next_available_stream_id()
+                    c.send_headers(sid, head, end_stream=True)
+                    c.reset_stream(sid)
+                    sent += 1
+                s.sendall(c.data_to_send())
+                s.settimeout(0.01 if batch < 49 else 5)
+                try:
+                    data = s.recv(1 << 20)
+                except TimeoutError:
+                    continue
+                if not data:
+                    break
+                for ev in c.receive_data(data):
+                    if isinstance(ev, h2.events.ConnectionTerminated):
+                        goaway = ev
+                if goaway is not None:
+                    break
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        finally:
+            s.close()
+        assert goaway is not None and goaway.error_code == 0xB, goaway  # ENHANCE_YOUR_CALM
+        assert sent <= 5000
+        assert h2app.requests <= 1100  # the rest never reached the app
+        assert p.proc is not None
+        status_text = Path(f"/proc/{p.proc.pid}/status").read_text()
+        rss = int(status_text.split("VmRSS:")[1].split()[0])
+        assert rss < 60_000, rss  # KiB
+        status, _f, body = curl(p.inbound_port, "/after")  # others still served
+        assert status == 200 and body.startswith(b"hello from h2 /after")
+
+
+def test_continuation_flood_is_cut_off(h2app: H2Backend) -> None:
+    """CVE-2024-27316 class: one header block in endless CONTINUATION frames."""
+    import socket
+    import struct
+
+    def frame(kind: int, flags: int, sid: int, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + \
+            struct.pack(">I", sid) + payload
+
+    with ProxyProcess(app=h2app.port) as p:
+        assert p.inbound_port is not None
+        s = socket.create_connection(("127.0.0.1", p.inbound_port), timeout=10)
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b""))
+        # :method GET, :scheme http, :path / (static table), no END_HEADERS.
+        s.sendall(frame(1, 0x1, 1, b"\x82\x86\x84"))
+        junk = frame(9, 0, 1, b"\x40\x01a\x01b" * 3000)  # literal fields, ~15 KB each
+        got = b""
+        sent = 0
+        try:
+            for _ in range(1000):  # 15 MB offered
+                s.sendall(junk)
+                sent += len(junk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            while True:
+                d = s.recv(65536)
+                if not d:
+                    break
+                got += d
+        except (ConnectionResetError, TimeoutError):
+            pass
+        s.close()
+        assert sent < 15_000_000  # cut off long before the end
+        # A GOAWAY frame (type 7) with ENHANCE_YOUR_CALM (0xb) came back.
+        i = 0
+        codes = []
+        while i + 9 <= len(got):
+            n = int.from_bytes(got[i:i + 3], "big")
+            if got[i + 3] == 7:
+                codes.append(int.from_bytes(got[i + 13:i + 17], "big"))
+            i += 9 + n
+        assert 0xB in codes, (codes, got[:100])
+        assert h2app.requests == 0
+
+
+def test_slow_reader_slows_the_writer(h2app: H2Backend) -> None:
+    """A client that does not read: flow control holds the app back through the proxy,
+    whose memory stays small (nothing piles up in it)."""
+    import time
+
+    with ProxyProcess(app=h2app.port) as p:
+        assert p.inbound_port is not None and p.proc is not None
+        s, c = _h2_client_socket(p.inbound_port)
+        c.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"),
+                           (b":path", b"/big?n=500000000"), (b":authority", b"t")],
+                       end_stream=True)
+        s.sendall(c.data_to_send())
+        s.settimeout(0.2)
+        got = 0
+        t_end = time.monotonic() + 2.0
+        while time.monotonic() < t_end:  # read what the windows allow, acknowledge nothing
+            try:
+                d = s.recv(1 << 16)
+            except TimeoutError:
+                continue
+            for ev in c.receive_data(d):
+                if hasattr(ev, "data") and ev.data:
+                    got += len(ev.data)
+        read = metric(p.metrics(), "tcp_read_bytes_total", direction="inbound", peer="dst")
+        rss = int(Path(f"/proc/{p.proc.pid}/status").read_text()
+                  .split("VmRSS:")[1].split()[0])
+        s.close()
+        assert got <= 65535  # our initial stream window, nothing more
+        # The proxy read from the app only what its own windows let the app send.
+        assert read < 8 * 1024 * 1024, read
+        assert rss < 50_000, rss  # KiB
