@@ -651,7 +651,12 @@ class H1Downstream(asyncio.Protocol):
             try:
                 uctx = ctx.meshed if (ep.identity and ctx.meshed) else ctx
                 _t, up = await open_upstream(ctx, ep, partial(H1Upstream, uctx, ep), ALPN_H1)
-                break
+                if up.state != H1Upstream.U_CLOSED:
+                    break
+                # Reset before this coroutine resumed (nobody was attached to hear of
+                # it): a failed connection, not one to send on and wait forever.
+                up = None
+                status, reason = 502, "connect_reset"
             except TimeoutError:
                 status, reason = 504, "connect_timeout"
             except PeerIdentityError as e:
