@@ -14,6 +14,15 @@ from bench.backend import NGINX_BODY
 from bench.common import LOAD_CORE, LOOPBACK, MIB, REPO_ROOT, BenchError
 from bench.controlscale import CTRL, FULL, ScaleSettings, run_control_scale
 from bench.h1routes import H1R, VARIANTS, WebBackends, run_h1_routes
+from bench.h2bench import (
+    GRPC,
+    GRPC_SYSTEMS,
+    H2,
+    H2_SYSTEMS,
+    H2Backends,
+    run_grpc_mesh,
+    run_h2_one_proxy,
+)
 from bench.loadgen import hey_argv, parse_bulk, parse_hey, parse_wrk, wrk_argv
 from bench.mesh import CLIENT, PAIR_BUILDERS, SERVER, Mesh, Pair, final_state, spiffe_uri
 from bench.mesh import verify_mtls as _verify_mtls
@@ -25,7 +34,9 @@ H1 = "h1-one-proxy"
 TCP = "tcp-bulk"
 MTLS = "h1-mesh-mtls"
 DEFAULT_SCENARIOS = (H1, TCP, MTLS)  # control-scale only when asked for (meshlet only)
-SCENARIO_NAMES = (*DEFAULT_SCENARIOS, CTRL, H1R)  # h1-routes, too, only when asked for
+SCENARIO_NAMES = (*DEFAULT_SCENARIOS, CTRL, H1R, H2, GRPC)  # these, too, only when named
+# Scenarios run for some systems only (the others are skipped, not failed).
+SCENARIO_SYSTEMS = {H2: H2_SYSTEMS, GRPC: GRPC_SYSTEMS}
 SINGLE_SYSTEM = {CTRL: "meshlet"}  # scenarios run for one system only, in rep 1 only
 # Scenarios whose columns are variants of meshlet (run when meshlet is among the systems).
 SCENARIO_VARIANTS = {H1R: VARIANTS}
@@ -54,6 +65,7 @@ class Backends:
     sink_port: int | None
     mesh: Mesh | None = None  # PKI and meshlet control plane for h1-mesh-mtls
     web: WebBackends | None = None  # h1-routes: three nginx
+    h2: H2Backends | None = None  # h2-one-proxy's nghttpd, grpc-mesh-mtls' grpc server
 
 
 @dataclass
@@ -362,6 +374,8 @@ RUNNERS: dict[str, Callable[[TrialContext], None]] = {
     MTLS: run_mtls,
     CTRL: run_control_scale,
     H1R: run_h1_routes,
+    H2: run_h2_one_proxy,
+    GRPC: run_grpc_mesh,
 }
 
 
