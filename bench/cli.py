@@ -26,6 +26,8 @@ from bench.controlscale import CTRL, FULL, QUICK, target_lines
 from bench.h1routes import H1R, start_web_backends
 from bench.h1routes import deltas as h1r_deltas
 from bench.h1routes import target_lines as h1r_target_lines
+from bench.h2bench import GRPC, H2, METRIC_ROWS, start_h2_backends
+from bench.h2bench import target_lines as h2_target_lines
 from bench.loadgen import hey_argv, wrk_argv
 from bench.machine import idle_check, idle_problems, machine_info
 from bench.mesh import make_pki, start_control
@@ -36,6 +38,7 @@ from bench.scenarios import (
     HANDSHAKE_THREADS,
     MTLS,
     SCENARIO_NAMES,
+    SCENARIO_SYSTEMS,
     SCENARIO_VARIANTS,
     SINGLE_SYSTEM,
     TCP,
@@ -45,6 +48,11 @@ from bench.scenarios import (
     run_trial,
 )
 from bench.systems import SYSTEM_NAMES, VERSIONS, tool_versions
+
+# h2-one-proxy's and grpc-mesh-mtls' table rows (bench.report cannot import bench.h2bench)
+report.METRICS.update(
+    {s: tuple(report.Metric(*row) for row in rows) for s, rows in METRIC_ROWS.items()}
+)
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,8 @@ def check_machine(scenarios: list[str]) -> None:
     if (os.cpu_count() or 0) < 2:
         raise BenchError("needs at least 2 CPUs (proxy on core 0, load on core 1)")
     tools = ("taskset", "wrk", "hey", "nginx") if set(scenarios) - {CTRL} else ("taskset",)
+    if H2 in scenarios:
+        tools += ("h2load", "nghttp", "nghttpd")
     missing = [t for t in tools if not shutil.which(t)]
     if missing:
         raise BenchError(f"missing tools: {', '.join(missing)}")
@@ -157,11 +167,12 @@ def start_backends(opts: Options, workdir: Path) -> Backends:
     nginx_port = start_nginx(workdir, log_dir)[1] if http else None
     sink_port = start_sink(log_dir)[1] if TCP in opts.scenarios else None
     mesh = None
-    if MTLS in opts.scenarios:
+    if MTLS in opts.scenarios or GRPC in opts.scenarios:
         mesh = make_pki(workdir / "mesh")
         if "meshlet" in opts.systems:
             start_control(mesh, log_dir)
-    return Backends(nginx_port, sink_port, mesh, web)
+    h2 = start_h2_backends(opts.scenarios, workdir, log_dir)
+    return Backends(nginx_port, sink_port, mesh, web, h2)
 
 
 def progress(trial: Trial, reps: int) -> None:
@@ -184,6 +195,17 @@ def progress(trial: Trial, reps: int) -> None:
             f"(A {f['cpu_us_per_req_a']:.1f} + B {f['cpu_us_per_req_b']:.1f}), "
             f"p99 {f['p99_ms']:.2f} ms, {f['hs_per_s']:,.0f} handshakes/s, "
             f"B {f['hs_cpu_us']:.0f} µs/handshake"
+        )
+    elif trial.scenario == H2:
+        detail = (
+            f"{f['rps']:,.0f} req/s, {f['cpu_us_per_req']:.1f} µs/req, "
+            f"p99 {f['p99_ms']:.2f} ms @2,000 req/s"
+        )
+    elif trial.scenario == GRPC:
+        detail = (
+            f"{f['calls_per_s']:,.0f} calls/s, {f['cpu_us_per_call']:.1f} µs/call "
+            f"(A {f['cpu_us_per_call_a']:.1f} + B {f['cpu_us_per_call_b']:.1f}), "
+            f"CPU {f['cpu_util_pct']:.0f} %"
         )
     elif trial.scenario == CTRL:
         detail = (
@@ -210,6 +232,8 @@ def run_trials(opts: Options, settings: Settings, workdir: Path) -> list[Trial]:
                 only = SINGLE_SYSTEM.get(scenario)
                 if only is not None and (system != only or rep > 0):
                     continue  # e.g. control-scale: meshlet only, its repetitions inside
+                if system not in SCENARIO_SYSTEMS.get(scenario, (system,)):
+                    continue  # e.g. grpc-mesh-mtls: no HAProxy pair
                 trial = Trial(rep=rep, scenario=scenario, system=system, position=position)
                 trials.append(run_trial(trial, settings, backends, workdir))
                 progress(trial, opts.reps)
@@ -243,6 +267,11 @@ def build_document(
             "aggregate": "median over reps (error counts: sum); systems rotated each rep",
             "control_scale": "meshlet only, once per run (repetitions inside); control "
             "on core 0, proxies and harness on core 1; see bench/controlscale.py",
+            "h2_one_proxy": "h2load -c 10 -m 10 -D <wrk_seconds> (CPU, req/s); h2load -c 10 "
+            "-m 1 --rps 200 -D <hey_seconds> --log-file (latency at 2,000 req/s); nghttpd "
+            "--no-tls backend; see bench/h2bench.py",
+            "grpc_mesh_mtls": "python -m bench.h2bench client (grpcio, 16 threads, one "
+            "channel, unary 64 B) for <mesh_wrk_seconds>; CPU and RSS = A + B",
             "h1_routes": "meshlet variants (1 endpoint; 3 endpoints + 10 routes; standalone "
             "inbound) measured as h1-one-proxy, rotated each rep; see bench/h1routes.py",
         },
@@ -266,6 +295,11 @@ def render(doc: dict[str, Any], opts: Options, settings: Settings) -> str:
         f"{settings.handshake_seconds} s of new mTLS connections to B"
         f"{' (--quick; full run: 15 s, 15 s, 10 s)' if opts.quick else ''}; {n}",
         CTRL: _ctrl_title(settings, opts.quick),
+        H2: f"== h2-one-proxy: h2load -c 10 -m 10 -D {settings.wrk_seconds} → proxy (h2c) → "
+        f"nghttpd (h2c); latency: h2load -c 10 -m 1 --rps 200 (2,000 req/s) "
+        f"-D {settings.hey_seconds}; {n}",
+        GRPC: f"== grpc-mesh-mtls: grpcio client (16 threads, unary 64 B) → A → HTTP/2 over "
+        f"mTLS 1.3 → B → grpcio server, {settings.mesh_wrk_seconds} s; CPU and RSS = A + B; {n}",
         H1R: f"== h1-routes: wrk -t1 -c50 -d{settings.wrk_seconds}s; hey -z "
         f"{settings.hey_seconds}s -c 20 -q 100; outbound meshlet → web:80 with 1 endpoint, "
         f"or 3 endpoints + 10 routes; standalone inbound for reference; {n}",
@@ -274,9 +308,12 @@ def render(doc: dict[str, Any], opts: Options, settings: Settings) -> str:
     for s in opts.scenarios:
         systems = [SINGLE_SYSTEM[s]] if s in SINGLE_SYSTEM else opts.systems
         systems = list(SCENARIO_VARIANTS.get(s, systems))
+        systems = [x for x in systems if x in SCENARIO_SYSTEMS.get(s, (x,))]
         parts.append(report.table(s, doc["summary"], systems, doc["ratios"], titles[s]))
         if s == H1R:
             parts[-1] += "".join(f"\n{line}" for line in h1r_target_lines(doc["h1_routes"]))
+        if s == H2:
+            parts[-1] += "".join(f"\n{line}" for line in h2_target_lines(doc["summary"]))
         if s == CTRL:
             figures = {k: c["value"] for k, c in doc["summary"][s].get("meshlet", {}).items()}
             parts[-1] += "".join(f"\ntarget: {line}" for line in target_lines(figures))
