@@ -252,11 +252,13 @@ def parse_request(
     max_head: int = 65536,
     max_line: int = 16384,
     strip_mesh: bool = False,
+    allow_connect: bool = False,
 ) -> RequestHead | None:
     """Parse a request head at the start of `buf`; `None` if it is not complete yet.
 
     `h.end` is where the head ends in `buf`. `strip_mesh` marks `meshlet-*` fields for
-    removal (inbound: never trust them from outside).
+    removal (inbound: never trust them from outside). CONNECT is refused (405) unless
+    `allow_connect` (the outbound HTTP proxy listener, which tunnels it).
     """
     m = _REQUEST_FAST_RE.match(buf)
     if m is not None:
@@ -346,7 +348,7 @@ def parse_request(
         raise LocalProtocolError(400, "invalid_host")
     h.host = host
     h.expect_continue = other.get(b"expect", b"") == b"100-continue"
-    if h.method == b"CONNECT":
+    if h.method == b"CONNECT" and not allow_connect:
         raise LocalProtocolError(405, "connect_not_supported")
     return h
 

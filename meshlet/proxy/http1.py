@@ -243,7 +243,8 @@ class H1Downstream(asyncio.Protocol):
         cfg = ctx.cfg
         try:
             req = parse_request(
-                self.buf, cfg.max_header_bytes, cfg.max_request_line_bytes, ctx.strip_mesh
+                self.buf, cfg.max_header_bytes, cfg.max_request_line_bytes, ctx.strip_mesh,
+                ctx.router is not None,
             )
         except LocalProtocolError as e:
             self._reject(e.status, e.reason)
@@ -255,6 +256,9 @@ class H1Downstream(asyncio.Protocol):
         target = ctx.target
         router = ctx.router
         if router is not None:
+            if req.method == b"CONNECT":
+                self._tunnel(req)
+                return
             try:
                 target, self.line, self.add_lines = router.route(req)
             except LocalProtocolError as e:
@@ -374,6 +378,44 @@ class H1Downstream(asyncio.Protocol):
         if body != BODY_NONE:
             self.buf = rest[end:]
         ctx.loop.create_task(self._connect(ep, head))
+
+    def _tunnel(self, req: RequestHead) -> None:
+        """CONNECT on the HTTP proxy listener: answer 200, then treat the connection as
+        one to an outbound listener for the destination (`meshlet.proxy.router`)."""
+        ctx = self.ctx
+        router = ctx.router
+        assert router is not None
+        try:
+            host, port = router.tunnel(req)
+        except LocalProtocolError as e:
+            self._reject(e.status, e.reason)
+            return
+        from meshlet.proxy.listener import Accepted
+        from meshlet.proxy.transparent import OutboundDestinations
+
+        proxy = ctx.proxy
+        dests = proxy.tunnels
+        if dests is None:
+            dests = proxy.tunnels = OutboundDestinations(proxy)
+        tctx = dests.ctx_for_dst(host, port)
+        rest = self.buf[req.end:]
+        self.buf = b""
+        t = self.transport
+        t.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        # This connection ends here as an HTTP/1 one; the tunnel counts it anew.
+        self.state = S_CLOSED
+        self._tkind = T_NONE
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        proxy.conns.discard(self)
+        ctx.tcp_src.closed += 1
+        proxy.conn_closed()
+        acc = Accepted(tctx)
+        t.set_protocol(acc)
+        acc.connection_made(t)
+        if rest and not t.is_closing():
+            acc.data_received(rest)
 
     # --- routes: timeouts and retries -------------------------------------------------
 

@@ -8,9 +8,14 @@ get mTLS and balancing; names the mesh does not know go out unmeshed, resolved b
 Rules:
 1. Absolute-form requests are forwarded in origin form with `Host` set to the target's
    authority (RFC 9112 3.2.2); `Proxy-Connection` and `Proxy-Authorization` are dropped.
-2. Only `http://` targets: CONNECT and `https://` get 405/400 (TLS from the app to a
+2. `http://` targets are routed per request; `https://` gets 400 (TLS from the app to a
    meshed service is pointless: the mesh encrypts).
-3. A request for one of this proxy's own listeners is refused (400 `proxy_loop`).
+3. `CONNECT host:port` opens a tunnel to that destination (how gRPC clients and others
+   use `http_proxy`): after `200 Connection Established` the bytes are taken up like a
+   connection to an outbound listener for `host:port` (protocol detection: HTTP/2 is
+   balanced per stream, HTTP/1 per request, anything else per connection).
+4. A request or tunnel for one of this proxy's own listeners is refused (400
+   `proxy_loop`).
 """
 
 from __future__ import annotations
@@ -38,6 +43,19 @@ class Router:
     def __init__(self, discovery: DiscoveryClient) -> None:
         self.discovery = discovery
         self.own_ports: set[int] = set()
+
+    def tunnel(self, req: RequestHead) -> tuple[str, int]:
+        """The destination of a CONNECT request (authority form, a port required)."""
+        m = _AUTHORITY_RE.fullmatch(req.target)
+        if m is None or not m.group(2):
+            raise LocalProtocolError(400, "invalid_connect_target")
+        host = m.group(1).decode().strip("[]").lower()
+        port = int(m.group(2))
+        if not 0 < port < 65536:
+            raise LocalProtocolError(400, "invalid_connect_target")
+        if port in self.own_ports and host in _LOCAL:
+            raise LocalProtocolError(400, "proxy_loop")
+        return host, port
 
     def route(self, req: RequestHead) -> tuple[Target, bytes, bytes]:
         """The request's destination, and for the absolute form the start line and the

@@ -67,6 +67,8 @@ class Proxy:
         self.discovery: DiscoveryClient | None = None
         self.app_down: str | None = None  # why the app was unreachable last time
         self._transparent: list[InboundPorts | OutboundDestinations] = []
+        # CONNECT tunnels' contexts per destination (the HTTP proxy listener).
+        self.tunnels: OutboundDestinations | None = None
         # HTTP/2 upstream connections per endpoint key (`meshlet.proxy.http2`).
         self.h2pool: dict[tuple[str, int, str], list[H2Upstream]] = {}
         self._app_probe_at = -1.0

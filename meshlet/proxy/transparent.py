@@ -112,6 +112,11 @@ class OutboundDestinations:
         host, port = dst
         if port in self.own and (host in _LOOPBACK or host == sock.getsockname()[0]):
             return None
+        return self.ctx_for_dst(host, port)
+
+    def ctx_for_dst(self, host: str, port: int) -> ListenerCtx:
+        """The context of connections for `host:port` (also CONNECT tunnels)."""
+        dst = (host, port)
         proxy = self.proxy
         disc = proxy.discovery
         ctx = self.by_dst.get(dst)

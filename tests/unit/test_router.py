@@ -74,3 +74,29 @@ def test_refused(raw: bytes, status: int, reason: str) -> None:
         assert (e.status, e.reason) == (status, reason)
     else:
         pytest.fail("not refused")
+
+
+def tunnel(raw: bytes, own: set[int] | None = None) -> tuple[str, int]:
+    r = Router(FakeDiscovery())  # type: ignore[arg-type]
+    r.own_ports = own or set()
+    req = parse_request(raw, 65536, 16384, allow_connect=True)
+    assert req is not None
+    return r.tunnel(req)
+
+
+def test_connect_tunnels() -> None:
+    assert tunnel(b"CONNECT Web:80 HTTP/1.1\r\nHost: web:80\r\n\r\n") == ("web", 80)
+    assert tunnel(b"CONNECT [::1]:9000 HTTP/1.1\r\nHost: x\r\n\r\n") == ("::1", 9000)
+    for bad in (b"CONNECT web HTTP/1.1\r\nHost: web\r\n\r\n",  # no port
+                b"CONNECT web:0 HTTP/1.1\r\nHost: web\r\n\r\n",
+                b"CONNECT /x HTTP/1.1\r\nHost: web\r\n\r\n"):
+        with pytest.raises(LocalProtocolError) as e:
+            tunnel(bad)
+        assert (e.value.status, e.value.reason) == (400, "invalid_connect_target")
+    with pytest.raises(LocalProtocolError) as e:
+        tunnel(b"CONNECT 127.0.0.1:4140 HTTP/1.1\r\nHost: x\r\n\r\n", own={4140})
+    assert e.value.reason == "proxy_loop"
+    # Elsewhere (inbound, explicit listeners) the parser still refuses CONNECT.
+    with pytest.raises(LocalProtocolError) as e:
+        parse_request(b"CONNECT web:80 HTTP/1.1\r\nHost: web\r\n\r\n", 65536, 16384)
+    assert e.value.status == 405
