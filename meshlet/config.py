@@ -90,6 +90,7 @@ class ProxyConfig:
     failure_backoff_max: float
     transparent: bool
     outbound_listen: Addr | None
+    h2_keepalive: float
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -264,6 +265,9 @@ _SETTINGS: dict[str, tuple[Callable[[str], Any], str, str]] = {
                     "transparent mode: `meshlet init` rules redirect the pod's TCP here; "
                     "each connection's original destination (SO_ORIGINAL_DST) decides "
                     "where it goes (inbound: that port on localhost)"),
+    "h2_keepalive": (parse_duration, "20s",
+                     "HTTP/2 upstream connections with streams open: PING after this much "
+                     "silence, close after as much again"),
     "outbound_listen": (_optional_addr, "127.0.0.1:4140",
                         "transparent mode's outbound listener (`meshlet init "
                         "--outbound-port`)"),

@@ -21,7 +21,10 @@ Rules:
 4. A reset travels: RST_STREAM from either side resets the other leg's stream. An
    upstream connection that dies fails its streams (502 before the response head, a
    reset after). GOAWAY from an upstream stops new streams on it.
-5. Limits: the codec's (concurrent streams, rapid reset, CONTINUATION and HPACK bombs,
+5. Keep-alive: an upstream connection with streams open that hears nothing for
+   `MESHLET_H2_KEEPALIVE` (20 s) gets a PING; silent as long again, it is closed and its
+   streams fail (a dead peer is found even when no stream has a deadline).
+6. Limits: the codec's (concurrent streams, rapid reset, CONTINUATION and HPACK bombs,
    control-frame floods); upstream connections per endpoint are shared up to the peer's
    stream limit; idle upstream connections close after `pool_idle_timeout`, idle client
    connections after `idle_timeout`.
@@ -487,7 +490,8 @@ class H2Downstream(_Leg):
 class H2Upstream(_Leg):
     """One multiplexed HTTP/2 connection to an endpoint (client side of the codec)."""
 
-    __slots__ = ("closed", "ep", "idle_timer", "streams", "waiting")
+    __slots__ = ("closed", "ep", "heard", "idle_timer", "ping_out", "ping_timer", "streams",
+                 "waiting")
 
     def __init__(self, ctx: ListenerCtx, ep: Endpoint) -> None:
         super().__init__(ctx, True)
@@ -496,6 +500,30 @@ class H2Upstream(_Leg):
         self.waiting: list[tuple[_Stream, tuple[tuple[bytes, bytes], ...], bool]] = []
         self.idle_timer: asyncio.TimerHandle | None = None
         self.closed = False
+        # Keep-alive: while streams are open and the peer is silent for KEEPALIVE
+        # seconds, PING; no answer (nothing at all) by the next tick: the peer is gone.
+        self.heard = True
+        self.ping_out = False
+        self.ping_timer: asyncio.TimerHandle | None = None
+
+    def _keepalive(self) -> None:
+        self.ping_timer = None
+        if self.transport is None or self.closed:
+            return
+        if self.streams:
+            if self.heard:
+                self.heard = False
+                self.ping_out = False
+            elif not self.ping_out:
+                self.ping_out = True
+                self.conn.ping()
+                self.flush()
+            else:
+                log.warning("HTTP/2 upstream %s silent after a PING: closing it",
+                            self.ep.addr)
+                self.transport.abort()
+                return
+        self.ping_timer = self.ctx.loop.call_later(self.ctx.cfg.h2_keepalive, self._keepalive)
 
     def has_room(self) -> bool:
         if self.closed or self.conn.closed:
@@ -518,6 +546,7 @@ class H2Upstream(_Leg):
         self.transport = transport  # type: ignore[assignment]
         ctx = self.ctx
         ctx.tcp_dst.opened += 1
+        self.ping_timer = ctx.loop.call_later(ctx.cfg.h2_keepalive, self._keepalive)
         self.conn.initiate_connection()
         waiting, self.waiting = self.waiting, []
         for st, headers, end in waiting:
@@ -598,6 +627,7 @@ class H2Upstream(_Leg):
     def data_received(self, data: bytes) -> None:
         ctx = self.ctx
         ctx.tcp_dst.read_bytes += len(data)
+        self.heard = True
         for ev in self.conn.receive(data):
             if isinstance(ev, DataReceived):
                 st = self.streams.get(ev.stream_id)
@@ -681,6 +711,9 @@ class H2Upstream(_Leg):
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None
+        if self.ping_timer is not None:
+            self.ping_timer.cancel()
+            self.ping_timer = None
         if self.transport is not None:
             self.ctx.tcp_dst.closed += 1
         self.transport = None

@@ -328,3 +328,35 @@ def test_connect_tunnel_on_the_http_proxy_listener(h2app: H2Backend, tmp_path: P
     finally:
         with contextlib.suppress(StopIteration):
             next(gen)
+
+
+def test_silent_upstream_is_found_by_keepalive_ping() -> None:
+    """An app that accepts and then says nothing (not even SETTINGS, no PING answer):
+    after the keep-alive PING goes unanswered the proxy gives up: 502, not a hang."""
+    import socket
+    import threading
+    import time
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                c, _ = srv.accept()
+                held.append(c)  # read nothing, write nothing
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        with ProxyProcess(app=srv.getsockname()[1],
+                          env={"MESHLET_H2_KEEPALIVE": "200ms"}) as p:
+            assert p.inbound_port is not None
+            t0 = time.monotonic()
+            status, fields, _b = curl(p.inbound_port, "/x")
+            took = time.monotonic() - t0
+            assert status == 502, fields
+            assert 0.3 < took < 3, took
+    finally:
+        srv.close()
+        for c in held:
+            c.close()
