@@ -130,6 +130,23 @@ def grpc_timeout(value: bytes) -> float | None:
     return int(digits) * unit
 
 
+def _release(st: _Stream) -> None:
+    """Credit back to each sender what waits in the stream's queues and will never be
+    forwarded now (the stream ended early), so connection windows do not shrink with
+    every abandoned stream."""
+    n = sum(len(item) for item, _e in st.to_up if not isinstance(item, tuple))
+    st.to_up.clear()
+    if n:
+        st.down.conn.acknowledge_received_data(st.sid, n)
+        st.down.flush()
+    up = st.up
+    m = sum(len(item) for item, _e in st.to_down if not isinstance(item, tuple))
+    st.to_down.clear()
+    if m and up is not None:
+        up.conn.acknowledge_received_data(st.uid, m)
+        up.flush()
+
+
 class _Leg(asyncio.Protocol):
     """What both sides share: the codec, the transport and write backpressure."""
 
@@ -184,14 +201,15 @@ class H2Downstream(_Leg):
 
     def connection_lost(self, exc: Exception | None) -> None:
         ctx = self.ctx
+        had = self.transport is not None
+        self.transport = None  # nothing more is written to it
         for st in list(self.streams.values()):
             self._abandon(st)
         self.streams.clear()
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None
-        if self.transport is not None:
-            self.transport = None
+        if had:
             ctx.proxy.conns.discard(self)
             ctx.tcp_src.closed += 1
             ctx.proxy.conn_closed()
@@ -388,6 +406,8 @@ class H2Downstream(_Leg):
         if st.down_done:
             return
         st.down_done = True
+        if st.to_up:
+            _release(st)  # answered before the whole request was sent: drop the rest
         if st.deadline is not None:
             st.deadline.cancel()
             st.deadline = None
@@ -416,6 +436,7 @@ class H2Downstream(_Leg):
         """A proxy-made answer for a stream whose response has not started."""
         if st.down_done:
             return
+        _release(st)
         if st.status:  # the head went down already: all we can do is reset
             self.conn.send_rst(st.sid, CANCEL)
             st.down_done = True
@@ -463,6 +484,7 @@ class H2Downstream(_Leg):
 
     def reset(self, st: _Stream) -> None:
         """The upstream reset its stream: reset ours (or answer 502 before the head)."""
+        _release(st)
         if not st.status:
             self._fail(st, 502, "upstream_reset")
         elif not st.down_done:
@@ -475,6 +497,7 @@ class H2Downstream(_Leg):
     def _abandon(self, st: _Stream) -> None:
         """The client is gone or reset the stream: reset the upstream one."""
         st.down_done = True
+        _release(st)
         if st.deadline is not None:
             st.deadline.cancel()
             st.deadline = None

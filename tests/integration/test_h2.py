@@ -360,3 +360,64 @@ def test_silent_upstream_is_found_by_keepalive_ping() -> None:
         srv.close()
         for c in held:
             c.close()
+
+
+def test_abandoned_request_bodies_do_not_shrink_the_connection_window() -> None:
+    """Streams that end early (here: a dead upstream answers 502 while the body is still
+    coming) must give their unforwarded bytes back to the connection window, or a busy
+    client connection stalls after a few dozen such streams."""
+    import time
+
+    import h2.events
+    import h2.exceptions
+
+    dead = free_port()
+    with ProxyProcess(app=dead) as p:
+        assert p.inbound_port is not None
+        s, c = _h2_client_socket(p.inbound_port)
+        s.settimeout(5)
+        body = b"z" * 60000
+        answered = 0
+
+        def pump() -> None:
+            nonlocal answered
+            data = s.recv(1 << 20)
+            assert data, "proxy closed the connection"
+            for ev in c.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    answered += 1
+            out = c.data_to_send()
+            if out:
+                s.sendall(out)
+
+        for i in range(40):  # 40 x 60 KB = 2.4 MB, more than twice the 1 MiB window
+            sid = c.get_next_available_stream_id()
+            c.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"),
+                                 (b":path", b"/up"), (b":authority", b"t")])
+            s.sendall(c.data_to_send())
+            sent = 0
+            deadline = time.monotonic() + 5
+            while sent < len(body):
+                try:
+                    n = min(len(body) - sent, c.local_flow_control_window(sid),
+                            c.max_outbound_frame_size)
+                except (h2.exceptions.StreamClosedError, KeyError):
+                    break  # the proxy reset it after answering: fine
+                if n > 0:
+                    try:
+                        c.send_data(sid, body[sent:sent + n])
+                    except h2.exceptions.StreamClosedError:
+                        break
+                    sent += n
+                    s.sendall(c.data_to_send())
+                    continue
+                assert time.monotonic() < deadline, f"stalled on stream {i}: no window"
+                pump()
+            with contextlib.suppress(h2.exceptions.StreamClosedError, KeyError):
+                c.end_stream(sid)
+                s.sendall(c.data_to_send())
+        deadline = time.monotonic() + 5
+        while answered < 40 and time.monotonic() < deadline:
+            pump()
+        s.close()
+        assert answered == 40
