@@ -147,18 +147,52 @@ def _release(st: _Stream) -> None:
         up.flush()
 
 
+# Legs with output waiting while one read is being handled: written once at its end, so
+# ten multiplexed requests in one read cost one write per leg, not ten.
+_batch: list[_Leg] | None = None
+
+
 class _Leg(asyncio.Protocol):
     """What both sides share: the codec, the transport and write backpressure."""
 
-    __slots__ = ("conn", "ctx", "paused", "transport")
+    __slots__ = ("conn", "ctx", "paused", "queued", "transport")
 
     def __init__(self, ctx: ListenerCtx, client_side: bool) -> None:
         self.ctx = ctx
         self.conn = H2Connection(client_side, H2Settings())
         self.transport: asyncio.Transport | None = None
         self.paused = False
+        self.queued = False
+
+    def data_received(self, data: bytes) -> None:
+        global _batch
+        if _batch is not None:
+            self.received(data)
+            return
+        batch: list[_Leg] = []
+        _batch = batch
+        try:
+            self.received(data)
+        finally:
+            _batch = None
+            for leg in batch:
+                leg.queued = False
+                leg.write_now()
+
+    def received(self, data: bytes) -> None:
+        raise NotImplementedError
 
     def flush(self) -> None:
+        """Write what the codec has queued: now, or at the end of the read being
+        handled."""
+        if _batch is not None:
+            if not self.queued:
+                self.queued = True
+                _batch.append(self)
+            return
+        self.write_now()
+
+    def write_now(self) -> None:
         t = self.transport
         if t is None or self.paused:
             return  # the codec keeps (bounded) what waits; drained on resume
@@ -219,7 +253,7 @@ class H2Downstream(_Leg):
         self.closing = True
         with contextlib.suppress(H2Error):
             self.conn.send_goaway(0)
-        self.flush()
+        self.write_now()
         if not self.streams and self.transport is not None:
             self.transport.close()
 
@@ -235,7 +269,7 @@ class H2Downstream(_Leg):
             return
         self.shutdown()
 
-    def data_received(self, data: bytes) -> None:
+    def received(self, data: bytes) -> None:
         self.ctx.tcp_src.read_bytes += len(data)
         events = self.conn.receive(data)
         for ev in events:
@@ -255,7 +289,7 @@ class H2Downstream(_Leg):
                     self._abandon(st)
             elif isinstance(ev, ConnectionTerminated):
                 if not ev.remote:  # we sent GOAWAY for an error: the connection is over
-                    self.flush()
+                    self.write_now()
                     if self.transport is not None:
                         self.transport.close()
                     return
@@ -425,7 +459,7 @@ class H2Downstream(_Leg):
         if st.up is not None:
             st.up.detach(st)
         if self.closing and not self.streams and self.transport is not None:
-            self.flush()
+            self.write_now()
             self.transport.close()
 
     def fail(self, st: _Stream, status: int, reason: str) -> None:
@@ -647,7 +681,7 @@ class H2Upstream(_Leg):
     def on_resume(self) -> None:
         self._drain_up(0)
 
-    def data_received(self, data: bytes) -> None:
+    def received(self, data: bytes) -> None:
         ctx = self.ctx
         ctx.tcp_dst.read_bytes += len(data)
         self.heard = True
@@ -676,7 +710,7 @@ class H2Upstream(_Leg):
                 self.closed = True  # no new streams here
                 _pool_remove(ctx, self.ep, self)
                 if not ev.remote:
-                    self.flush()
+                    self.write_now()
                     if self.transport is not None:
                         self.transport.close()
                     return
