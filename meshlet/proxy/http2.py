@@ -69,6 +69,7 @@ _HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-
                   b"upgrade", b"host"))
 _GRPC_UNAVAILABLE = b"14"
 _GRPC_DEADLINE = b"4"
+_GRPC_DENIED = b"7"
 
 
 class _Stream:
@@ -215,10 +216,13 @@ class _Leg(asyncio.Protocol):
 class H2Downstream(_Leg):
     """A client's HTTP/2 connection (server side of the codec)."""
 
-    __slots__ = ("client_line", "closing", "idle_timer", "streams")
+    __slots__ = ("client_line", "closing", "deny", "idle_timer", "streams")
 
-    def __init__(self, ctx: ListenerCtx) -> None:
+    def __init__(self, ctx: ListenerCtx, deny: str | None = None) -> None:
         super().__init__(ctx, False)
+        # Refused by the inbound policy (the reason): every request is answered 403, or
+        # PERMISSION_DENIED for gRPC, and nothing is forwarded.
+        self.deny = deny
         self.streams: dict[int, _Stream] = {}
         self.client_line: bytes = b""  # the verified client identity, on mesh TLS
         self.idle_timer: asyncio.TimerHandle | None = None
@@ -324,6 +328,9 @@ class H2Downstream(_Leg):
         stats.requests += 1
         st = _Stream(self, ev.stream_id, stats, _grpc(ev.headers), ctx.loop.time())
         self.streams[ev.stream_id] = st
+        if self.deny is not None:
+            self._fail(st, 403, self.deny)
+            return
         if timeout is not None:
             # The caller's deadline, honoured here too: the proxy answers
             # DEADLINE_EXCEEDED (and resets the upstream stream) if the app is late.
@@ -482,7 +489,8 @@ class H2Downstream(_Leg):
             st.deadline.cancel()
             st.deadline = None
         if st.grpc:
-            code = _GRPC_DEADLINE if status == 504 else _GRPC_UNAVAILABLE
+            code = _GRPC_DEADLINE if status == 504 else \
+                _GRPC_DENIED if status == 403 else _GRPC_UNAVAILABLE
             headers = [(b":status", b"200"), (b"content-type", b"application/grpc"),
                        (b"grpc-status", code), (b"grpc-message", reason.encode()),
                        (b"meshlet-proxy-error", reason.encode())]
@@ -508,7 +516,7 @@ class H2Downstream(_Leg):
         st.down_done = True
         latency_ms = (self.ctx.loop.time() - st.started) * 1000.0
         if st.grpc:
-            st.grpc_status = 4 if status == 504 else 14
+            st.grpc_status = int(code)
             st.stats.grpc_response(200, st.grpc_status, latency_ms)
         else:
             st.stats.response(status, latency_ms)

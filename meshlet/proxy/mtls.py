@@ -247,7 +247,17 @@ class _Pending:
             d = authorize(policy, None, self.addr)
             _count(plain, d, policy.name, None)
             if not d.allowed:
-                if detect(first) is Proto.HTTP1:
+                proto = detect(first)
+                if proto is Proto.HTTP2 and proxy.conn_opened():
+                    # HTTP/2 (gRPC): each request is answered 403 / PERMISSION_DENIED.
+                    from meshlet.proxy.http2 import H2Downstream
+
+                    plain.tcp_src.opened += 1
+                    deny = "unauthorized_" + d.reason
+                    await loop.connect_accepted_socket(
+                        lambda: H2Downstream(plain, deny), self.conn)
+                    return
+                if proto is Proto.HTTP1:
                     self.conn.send(error_response(403, "unauthorized_" + d.reason))
                 self.conn.close()
                 return
@@ -292,6 +302,14 @@ class _MeshAccepted(asyncio.Protocol):
         ssl_obj = t.get_extra_info("ssl_object")
         alpn = ssl_obj.selected_alpn_protocol() if ssl_obj is not None else None
         if not d.allowed:
+            if alpn == ALPN_H2 and proxy.conn_opened():
+                from meshlet.proxy.http2 import H2Downstream
+
+                ctx.tcp_src.opened += 1
+                h2d = H2Downstream(ctx, "unauthorized_" + d.reason)
+                t.set_protocol(h2d)
+                h2d.connection_made(t)
+                return
             if alpn == ALPN_H1:
                 t.write(error_response(403, "unauthorized_" + d.reason))
             t.close()

@@ -144,3 +144,23 @@ def test_deadline_and_cancellation(mesh: tuple[Any, list[Replica], ProxyProcess]
     call.cancel()
     # The cancellation crossed both proxies: the replica serving it saw it.
     eventually(lambda: any(r.cancelled.is_set() for r in replicas), timeout=10)
+
+
+def test_denied_grpc_gets_permission_denied(control: Control, tmp_path: Path) -> None:
+    """Inbound policy refusing a client: a gRPC call gets PERMISSION_DENIED (not a bare
+    closed connection), a plain HTTP/2 request 403; nothing reaches the app."""
+    r = Replica("r")
+    try:
+        with ProxyProcess(app=r.port, ready_timeout=15,
+                          env=proxy_env(control, tmp_path / "b", "web",
+                                        MESHLET_INBOUND_POLICY="all-authenticated")) as b:
+            ch = grpc.insecure_channel(f"127.0.0.1:{b.inbound_port}")  # plaintext
+            with pytest.raises(grpc.RpcError) as e:
+                ch.unary_unary("/mesh.Echo/Unary")(b"x", timeout=10)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, e.value
+            ch.close()
+            assert r.calls == 0
+            assert metric(b.metrics(), "response_total", direction="inbound",
+                          grpc_status="7") == 1
+    finally:
+        r.server.stop(0)
