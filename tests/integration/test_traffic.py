@@ -119,8 +119,12 @@ def flaky() -> Iterator[FlakyServer]:
 def test_failing_replica_is_ejected_then_probed_back(
         flaky: FlakyServer, stack: contextlib.ExitStack, start_proxy: Any) -> None:
     good = stack.enter_context(HttpBackend(record=False))
+    # Latency estimates forgotten within a millisecond: the two endpoints are drawn
+    # alike, so the broken one keeps being tried (under load its first failure can be
+    # slow, and a 10 s memory of it would keep it out of the draw: no accrual).
     p: ProxyProcess = start_proxy(outbound={"web:80": ""},
-                                  endpoints=endpoints_yaml(good.addr, flaky.addr))
+                                  endpoints=endpoints_yaml(good.addr, flaky.addr),
+                                  env={"MESHLET_BALANCER_DECAY": "1ms"})
     port = p.outbound["web:80"]
 
     def state() -> str:
@@ -133,10 +137,10 @@ def test_failing_replica_is_ejected_then_probed_back(
         statuses.append(http_request(port, path="/x").status)
         if flaky.accepted >= 5:
             break
-    # Each reset counts against it. Most come back as 502; a reset that lands while the
-    # connection is still being set up is a connect failure, which the proxy retries on
-    # the other endpoint (then 200).
-    assert flaky.accepted == 5 and 1 <= statuses.count(502) <= 5, statuses
+    # Each reset counts against it. It comes back as 502, or, when the reset lands
+    # before the proxy could use the connection (likely on a loaded machine), as a
+    # connect failure that the proxy retries on the other endpoint (then 200).
+    assert flaky.accepted == 5 and statuses.count(502) <= 5, statuses
     assert state() == "ejected"
     assert metric(p.metrics(), "balancer_endpoints", authority="web:80", state="ejected") == 1
     # Ejected: no more traffic to it.
