@@ -116,8 +116,12 @@ class _Proto(asyncio.Protocol):
 
     def drain(self) -> None:
         keep = []
+        blocked: set[int] = set()  # streams with an earlier item still waiting: keep order
         for item in self.out:
             sid, data, end = item
+            if sid in blocked:
+                keep.append(item)
+                continue
             try:
                 n = min(len(data), self.conn.local_flow_control_window(sid),
                         self.conn.max_outbound_frame_size)
@@ -134,6 +138,7 @@ class _Proto(asyncio.Protocol):
             if data:
                 item[1] = data
                 keep.append(item)
+                blocked.add(sid)
             elif end:
                 self.conn.end_stream(sid)
         self.out = keep
