@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
+from meshlet.procs import pid_alive
+
 if TYPE_CHECKING:
     import ssl
 
@@ -627,22 +629,6 @@ class Report:
         self.out.write(f"  {BAD} {text}\n")
         for d in details:
             self.out.write(f"      {d}\n")
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            state = f.read().rpartition(")")[2].split()[:1]
-        return state != ["Z"]
-    except OSError:
-        return True  # no /proc: kill(0) said it exists
 
 
 def _check_pids(rep: Report, pids: Iterable[tuple[str, int]]) -> None:

@@ -29,6 +29,8 @@ import threading
 import time
 from collections.abc import Iterable
 
+from meshlet.procs import pid_alive
+
 __all__ = ["NS_PREFIX", "Network", "PodError", "busy_pods", "cleanup", "leftovers",
            "socket_in"]
 
@@ -147,7 +149,7 @@ def leftovers() -> tuple[list[str], list[str]]:
 def busy_pods() -> list[str]:
     """meshlet's namespaces that have processes in them now."""
     return [ns for ns in leftovers()[0]
-            if any(_alive(int(p)) for p in _sh("ip", "netns", "pids", ns,
+            if any(pid_alive(int(p)) for p in _sh("ip", "netns", "pids", ns,
                                                 check=False).split())]
 
 
@@ -166,7 +168,7 @@ def cleanup() -> list[str]:
                 os.kill(p, sig)
         deadline = time.monotonic() + 5
         while pids and time.monotonic() < deadline:
-            pids = [p for p in pids if _alive(p)]
+            pids = [p for p in pids if pid_alive(p)]
             time.sleep(0.05)
     for ns in namespaces:
         _sh("ip", "netns", "del", ns, check=False)
@@ -180,20 +182,6 @@ def cleanup() -> list[str]:
             if d.startswith(NS_PREFIX):
                 shutil.rmtree(f"/etc/netns/{d}", ignore_errors=True)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] != "Z"
-    except OSError:
-        return False
 
 
 def socket_in(ns: str, family: int = socket.AF_INET) -> socket.socket:
