@@ -230,33 +230,36 @@ def parse_mesh_yaml(text: str, path: str = "<mesh>") -> Mesh:
             if snodes is not None and not isinstance(snodes, yaml.SequenceNode):
                 c.err(snodes, "services", "expected a list")
             elif snodes is not None:
-                seen: dict[str, int] = {}
-                exposed: dict[int, int] = {}
-                addresses: dict[str, int] = {}
+                seen: dict[Any, int] = {}
+                exposed: dict[Any, int] = {}
+                addresses: dict[Any, int] = {}
                 for i, snode in enumerate(snodes.value):
                     s = _service(c, snode, f"services[{i}]")
                     if s is None:
                         continue
-                    if s.fqn in seen:
-                        c.err(snode, f"services[{i}].name",
-                              f"duplicate service {s.fqn} (first on line {seen[s.fqn]})")
-                    seen[s.fqn] = s.line
-                    if s.expose is not None:
-                        if s.expose in exposed:
-                            c.err(snode, f"services[{i}].expose",
-                                  f"port {s.expose} already exposed on line "
-                                  f"{exposed[s.expose]}")
-                        exposed[s.expose] = s.line
-                    if s.address is not None:
-                        if s.address in addresses:
-                            c.err(snode, f"services[{i}].address",
-                                  f"address {s.address} already used by the service on line "
-                                  f"{addresses[s.address]}")
-                        addresses[s.address] = s.line
+                    f = f"services[{i}]"
+                    _once(c, seen, s.fqn, s.line, snode, f + ".name",
+                          "duplicate service {key} (first on line {line})")
+                    _once(c, exposed, s.expose, s.line, snode, f + ".expose",
+                          "port {key} already exposed on line {line}")
+                    _once(c, addresses, s.address, s.line, snode, f + ".address",
+                          "address {key} already used by the service on line {line}")
                     services.append(s)
     if c.errors:
         raise MeshFileError(c.errors)
     return Mesh.build(td, tuple(services))
+
+
+def _once(c: Checker, first: dict[Any, int], key: Any, line: int, node: yaml.Node,
+          field: str, message: str) -> None:
+    """`key` (if set) must be unique among services: report a repeat with `message`
+    ({key}, {line}: where it was first), remember the first."""
+    if key is None:
+        return
+    if key in first:
+        c.err(node, field, message.format(key=key, line=first[key]))
+    else:
+        first[key] = line
 
 
 def _bool(c: Checker, node: yaml.Node | None, field: str, default: bool) -> bool:
