@@ -36,6 +36,8 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from meshlet.proto.http2 import Connection as H2Connection
@@ -153,6 +155,34 @@ def _release(st: _Stream) -> None:
 _batch: list[_Leg] | None = None
 
 
+def _kept(item: Any) -> Any:
+    """An item about to wait in a queue: DATA arrives as a view into the read buffer
+    (forwarded at once without a copy), so a waiting one is copied."""
+    return bytes(item) if isinstance(item, memoryview) else item
+
+
+_TO_UP = attrgetter("to_up")
+_TO_DOWN = attrgetter("to_down")
+
+
+def _drain(streams: dict[int, _Stream], stream_id: int,
+           queue: Callable[[_Stream], deque[tuple[Any, bool]]],
+           send: Callable[[_Stream, Any, bool], bool]) -> None:
+    """Send what waits in one direction's queues (of `stream_id`, or of every stream for
+    0: a connection-wide window opened) until a window closes again."""
+    if stream_id:
+        st = streams.get(stream_id)
+        targets = [st] if st is not None else []
+    else:
+        targets = list(streams.values())
+    for st in targets:
+        q = queue(st)
+        while q:
+            item, end = q.popleft()
+            if not send(st, item, end):
+                break
+
+
 class _Leg(asyncio.Protocol):
     """What both sides share: the codec, the transport and write backpressure."""
 
@@ -181,7 +211,7 @@ class _Leg(asyncio.Protocol):
                 leg.write_now()
 
     def received(self, data: bytes) -> None:
-        raise NotImplementedError
+        """What one read carries, handled by the leg (each subclass has its own)."""
 
     def flush(self) -> None:
         """Write what the codec has queued: now, or at the end of the read being
@@ -369,7 +399,7 @@ class H2Downstream(_Leg):
         if st is None:
             self.conn.acknowledge_received_data(ev.stream_id, len(ev.data))
             return
-        self._to_up(st, bytes(ev.data), ev.end_stream)
+        self._to_up(st, ev.data, ev.end_stream)
 
     def _to_up(self, st: _Stream, item: Any, end: bool) -> None:
         """Request DATA (bytes) or trailers (fields) for the upstream leg, in order."""
@@ -377,9 +407,10 @@ class H2Downstream(_Leg):
             st.up_done = True
         up = st.up
         if up is None or up.transport is None or st.to_up or up.paused:
-            st.to_up.append((item, end))
+            st.to_up.append((_kept(item), end))
             return
         up.send_item(st, item, end)
+        up.flush()
 
     # --- responses --------------------------------------------------------------------
 
@@ -399,7 +430,7 @@ class H2Downstream(_Leg):
 
     def to_down(self, st: _Stream, item: Any, end: bool) -> None:
         if st.to_down or self.paused:
-            st.to_down.append((item, end))
+            st.to_down.append((_kept(item), end))
             return
         self._send_down(st, item, end)
         self.flush()
@@ -422,25 +453,17 @@ class H2Downstream(_Leg):
             up.conn.acknowledge_received_data(st.uid, n)
             up.flush()
         self.ctx.tcp_src.write_bytes += n
-        if n < len(item) or (end and n == 0 and len(item)):
-            st.to_down.appendleft((item[n:], end))
+        if n < len(item):
+            st.to_down.appendleft((bytes(item[n:]), end))
             return False
         if end:
             self._finished(st)
         return True
 
     def _drain_down(self, stream_id: int) -> None:
-        if self.paused:
-            return
-        targets = self.streams.values() if stream_id == 0 else (
-            [self.streams[stream_id]] if stream_id in self.streams else [])
-        for st in list(targets):
-            q = st.to_down
-            while q:
-                item, end = q.popleft()
-                if not self._send_down(st, item, end):
-                    break
-        self.flush()
+        if not self.paused:
+            _drain(self.streams, stream_id, _TO_DOWN, self._send_down)
+            self.flush()
 
     def _finished(self, st: _Stream) -> None:
         """The response went down whole: count it, forget the stream."""
@@ -645,17 +668,16 @@ class H2Upstream(_Leg):
         q = st.to_up
         while q:
             item, e = q.popleft()
-            if not self.send_item(st, item, e, flush=False):
+            if not self.send_item(st, item, e):
                 break
 
-    def send_item(self, st: _Stream, item: Any, end: bool, flush: bool = True) -> bool:
-        """Send request DATA or trailers upstream; False if it waits for a window."""
+    def send_item(self, st: _Stream, item: Any, end: bool) -> bool:
+        """Queue request DATA or trailers in the codec (the caller flushes); False if
+        it (or its rest) waits for a window."""
         conn = self.conn
         try:
             if isinstance(item, tuple):
                 conn.send_headers(st.uid, item, True)
-                if flush:
-                    self.flush()
                 return True
             n = conn.send_data(st.uid, item, end)
         except UsageError:
@@ -665,26 +687,14 @@ class H2Upstream(_Leg):
             st.down.flush()
             self.ctx.tcp_dst.write_bytes += n
         if n < len(item):
-            st.to_up.appendleft((item[n:], end))
-            if flush:
-                self.flush()
+            st.to_up.appendleft((bytes(item[n:]), end))
             return False
-        if flush:
-            self.flush()
         return True
 
     def _drain_up(self, uid: int) -> None:
-        if self.paused:
-            return
-        targets = self.streams.values() if uid == 0 else (
-            [self.streams[uid]] if uid in self.streams else [])
-        for st in list(targets):
-            q = st.to_up
-            while q:
-                item, end = q.popleft()
-                if not self.send_item(st, item, end, flush=False):
-                    break
-        self.flush()
+        if not self.paused:
+            _drain(self.streams, uid, _TO_UP, self.send_item)
+            self.flush()
 
     def on_resume(self) -> None:
         self._drain_up(0)
@@ -699,7 +709,7 @@ class H2Upstream(_Leg):
                 if st is None:
                     self.conn.acknowledge_received_data(ev.stream_id, len(ev.data))
                     continue
-                st.down.to_down(st, bytes(ev.data), ev.end_stream)
+                st.down.to_down(st, ev.data, ev.end_stream)
             elif isinstance(ev, ResponseReceived):
                 st = self.streams.get(ev.stream_id)
                 if st is not None:
