@@ -39,6 +39,7 @@ __all__ = [
     "Response",
     "ResponseReader",
     "TcpServer",
+    "UpProcess",
     "WsEchoServer",
     "connect",
     "eventually",
@@ -1018,3 +1019,41 @@ def control_status(c: Control) -> dict[str, Any]:
     with urllib.request.urlopen(f"https://127.0.0.1:{c.port}/v1/status", context=ctx,
                                 timeout=5) as r:
         return json.loads(r.read())  # type: ignore[no-any-return]
+
+
+class UpProcess:
+    """A `meshlet up` process (with `extra` flags) whose output is collected in `lines`."""
+
+    def __init__(self, mesh: Path, state: Path, *extra: str, new_session: bool = False
+                 ) -> None:
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "meshlet", "up", str(mesh), "--state-dir", str(state),
+             "--color", "never", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=new_session,
+            env={k: v for k, v in os.environ.items() if not k.startswith("MESHLET_")})
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.append(raw.decode(errors="replace").rstrip())
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_line(self, needle: str, timeout: float = 30) -> None:
+        """Until a line contains `needle`; fails at once if `meshlet up` exited."""
+        def seen() -> bool:
+            if any(needle in x for x in self.lines):
+                return True
+            if self.proc.poll() is not None:  # not retried by `eventually`
+                raise RuntimeError(f"meshlet up exited {self.proc.returncode}")
+            return False
+
+        try:
+            eventually(seen, timeout=timeout, interval=0.1)
+        except (AssertionError, RuntimeError) as e:
+            raise AssertionError(f"no {needle!r} in meshlet up's output ({e}):\n"
+                                 f"{self.text()}") from None

@@ -9,12 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import eventually, free_port, http_request, metric, parse_metrics
+from helpers import UpProcess, eventually, free_port, http_request, metric, parse_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 SHOP = ROOT / "examples" / "shop"
@@ -43,34 +42,6 @@ services:
       command: python {SHOP}/reviews.py
       replicas: 2
 """
-
-
-class UpProcess:
-    def __init__(self, mesh: Path, state: Path) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meshlet", "up", str(mesh), "--state-dir", str(state),
-             "--color", "never"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env={k: v for k, v in os.environ.items()
-                                           if not k.startswith("MESHLET_")})
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            self.lines.append(raw.decode(errors="replace").rstrip())
-
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_line(self, needle: str, timeout: float = 30) -> None:
-        try:
-            eventually(lambda: any(needle in x for x in self.lines), timeout=timeout,
-                       interval=0.1)
-        except AssertionError:
-            raise AssertionError(f"no {needle!r} in meshlet up's output:\n{self.text()}"
-                                 ) from None
 
 
 def get(port: int, path: str = "/") -> tuple[int, Any]:

@@ -9,12 +9,11 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import eventually
+from helpers import UpProcess, eventually
 
 from netns.netlab import can_run
 
@@ -35,38 +34,6 @@ def ours() -> list[str]:
     if os.path.isdir("/etc/netns"):
         found += [d for d in os.listdir("/etc/netns") if d.startswith("mshl-")]
     return found
-
-
-class Up:
-    def __init__(self, mesh: Path, state: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meshlet", "up", "--netns", "--color", "never",
-             "--state-dir", str(state), str(mesh)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True)
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            self.lines.append(raw.decode(errors="replace").rstrip())
-
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_line(self, needle: str, timeout: float = 60) -> None:
-        try:
-            def seen() -> bool:
-                if any(needle in x for x in self.lines):
-                    return True
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"meshlet up exited {self.proc.returncode}")
-                return False
-
-            eventually(seen, timeout=timeout, interval=0.1)
-        except (AssertionError, RuntimeError) as e:
-            raise AssertionError(f"no {needle!r} ({e}) in:\n{self.text()}") from None
 
 
 @pytest.fixture
@@ -105,7 +72,7 @@ def curl_in(pod: str, url: str) -> str:
 
 def test_up_netns_runs_pods_and_cleans_up(mesh_file: Path, tmp_path: Path,
                                           clean: None) -> None:
-    up = Up(mesh_file, tmp_path / "state")
+    up = UpProcess(mesh_file, tmp_path / "state", "--netns", new_session=True)
     try:
         up.wait_line("mesh up;", 90)
         assert "mshl-web-0" in up.text() and "mshl-client-0" in up.text()
@@ -139,7 +106,7 @@ def test_up_netns_runs_pods_and_cleans_up(mesh_file: Path, tmp_path: Path,
 
 
 def test_down_cleans_up_after_a_crash(mesh_file: Path, tmp_path: Path, clean: None) -> None:
-    up = Up(mesh_file, tmp_path / "state")
+    up = UpProcess(mesh_file, tmp_path / "state", "--netns", new_session=True)
     try:
         up.wait_line("mesh up;", 90)
     finally:
