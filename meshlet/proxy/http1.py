@@ -693,12 +693,7 @@ class H1Downstream(asyncio.Protocol):
             try:
                 uctx = ctx.meshed if (ep.identity and ctx.meshed) else ctx
                 _t, up = await open_upstream(ctx, ep, partial(H1Upstream, uctx, ep), ALPN_H1)
-                if up.state != H1Upstream.U_CLOSED:
-                    break
-                # Reset before this coroutine resumed (nobody was attached to hear of
-                # it): a failed connection, not one to send on and wait forever.
-                up = None
-                status, reason = 502, "connect_reset"
+                break
             except TimeoutError:
                 status, reason = 504, "connect_timeout"
             except PeerIdentityError as e:

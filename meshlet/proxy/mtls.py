@@ -103,9 +103,13 @@ async def open_upstream(
         if got != ep.identity:
             t.abort()
             raise PeerIdentityError(f"peer is {got or 'unidentified'}, expected {ep.identity}")
-        return t, p
-    t, p = await asyncio.wait_for(
-        loop.create_connection(factory, ep.host, ep.port), ctx.cfg.connect_timeout)
+    else:
+        t, p = await asyncio.wait_for(
+            loop.create_connection(factory, ep.host, ep.port), ctx.cfg.connect_timeout)
+    if t.is_closing():
+        # Reset before this coroutine resumed: its protocol heard connection_lost while
+        # nobody was attached to it. Using it would wait forever: a failed connect.
+        raise ConnectionResetError(f"{ep.addr} reset the connection before use")
     return t, p
 
 

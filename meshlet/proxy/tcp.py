@@ -29,14 +29,13 @@ log = logging.getLogger("meshlet.tcp")
 
 
 class _Side(asyncio.Protocol):
-    __slots__ = ("eof", "lost", "peer", "pending", "reads", "transport", "writes")
+    __slots__ = ("eof", "peer", "pending", "reads", "transport", "writes")
 
     def __init__(self, reads: TcpStats, writes: TcpStats) -> None:
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.peer: _Side | None = None
         self.eof = False
         self.pending: list[bytes] = []  # read before the peer exists; flushed by `_pair`
-        self.lost = False  # connection_lost came (maybe before there was a peer to tell)
         self.reads = reads  # stats counting bytes read on this side
         self.writes = writes  # stats counting bytes written out on the peer's side
 
@@ -67,7 +66,6 @@ class _Side(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
         peer = self.peer
         self.peer = None
         if peer is not None:
@@ -207,8 +205,6 @@ async def _connect(ctx: ListenerCtx, client: _Client, ep: Endpoint | None) -> No
     for attempt in range(attempts):
         try:
             _t, up = await open_upstream(ctx, ep, lambda: _Upstream(ctx), ALPN_TCP)
-            if up.lost:  # reset before this coroutine resumed: pairing would hang
-                raise ConnectionResetError("reset before use")
         except (OSError, TimeoutError) as e:
             if ctx.fixed is None:
                 target.connect_failed(ep)
