@@ -692,7 +692,15 @@ class H1Downstream(asyncio.Protocol):
         for attempt in range(attempts):
             try:
                 uctx = ctx.meshed if (ep.identity and ctx.meshed) else ctx
-                _t, up = await open_upstream(ctx, ep, partial(H1Upstream, uctx, ep), ALPN_H1)
+                factory = partial(H1Upstream, uctx, ep)
+                ident = ctx.proxy.identity
+                if uctx is not ctx and ctx.cfg.h1_mux and ident is not None and \
+                        ident.valid() and ep.key not in ctx.proxy.no_mux:
+                    from meshlet.proxy.mux import open_stream  # meshed proxies only
+
+                    _s, up = await open_stream(ctx, ep, factory)
+                else:
+                    _t, up = await open_upstream(ctx, ep, factory, ALPN_H1)
                 break
             except TimeoutError:
                 status, reason = 504, "connect_timeout"

@@ -177,13 +177,13 @@ class IdentityManager:
     def server_context(self) -> ssl.SSLContext:
         """TLS 1.3 only, a client certificate from the mesh required, mesh ALPNs."""
         if self._server is None:
-            from meshlet.proxy.mtls import ALPN_H1, ALPN_H2, ALPN_TCP
+            from meshlet.proxy.mtls import ALPN_H1, ALPN_H2, ALPN_MUX, ALPN_TCP
 
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_3
             ctx.verify_mode = ssl.CERT_REQUIRED
             ctx.load_verify_locations(cadata=self.anchors.decode())
-            ctx.set_alpn_protocols([ALPN_H1, ALPN_TCP, ALPN_H2])
+            ctx.set_alpn_protocols([ALPN_H1, ALPN_TCP, ALPN_H2, ALPN_MUX])
             ctx.load_cert_chain(self.dir / "chain.pem", self.dir / "key.pem")
             self._server = ctx
         return self._server

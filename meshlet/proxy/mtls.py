@@ -5,7 +5,8 @@ Rules:
    proxy holds a valid certificate, is TLS 1.3 with our certificate; the peer's
    certificate must chain to the mesh anchors *and* carry exactly the expected SPIFFE ID,
    else the connection is dropped (`PeerIdentityError`, a 502 for HTTP). ALPN says what
-   follows: `meshlet/h1` (HTTP/1.1) or `meshlet/tcp` (opaque bytes).
+   follows: `meshlet/h1` (HTTP/1.1), `meshlet/mux` (HTTP/1.1 connections as streams of one
+   shared connection, `meshlet.proxy.mux`), `meshlet/h2` or `meshlet/tcp` (opaque bytes).
 2. Inbound, on a meshed proxy: connections are accepted here, and the first bytes are
    *peeked* (MSG_PEEK), not read, so the chosen path still gets every byte. A ClientHello
    offering a `meshlet/` ALPN is terminated with mTLS (client certificate required);
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from meshlet.proxy.context import ListenerCtx
     from meshlet.proxy.transparent import InboundPorts
 
-__all__ = ["ALPN_H1", "ALPN_H2", "ALPN_TCP", "PeekingListener", "PeerIdentityError",
+__all__ = ["ALPN_H1", "ALPN_H2", "ALPN_MUX", "ALPN_TCP", "PeekingListener", "PeerIdentityError",
            "open_upstream"]
 
 log = logging.getLogger("meshlet.mtls")
@@ -43,6 +44,7 @@ log = logging.getLogger("meshlet.mtls")
 ALPN_H1 = "meshlet/h1"
 ALPN_TCP = "meshlet/tcp"
 ALPN_H2 = "meshlet/h2"
+ALPN_MUX = "meshlet/mux"  # HTTP/1.1 connections as streams of one (meshlet.proxy.mux)
 
 
 class _OncePerMinute:
@@ -305,6 +307,18 @@ class _MeshAccepted(asyncio.Protocol):
         _count(ctx, d, proxy.policy.name, client)
         ssl_obj = t.get_extra_info("ssl_object")
         alpn = ssl_obj.selected_alpn_protocol() if ssl_obj is not None else None
+        if alpn == ALPN_MUX:
+            # Counted per stream (each is a client connection), not as one here.
+            if not proxy.conn_opened():
+                t.abort()
+                return
+            from meshlet.proxy.mux import MuxServer
+
+            mux = MuxServer(ctx, f"meshlet-client-id: {client}\r\n".encode() if client
+                            else b"", None if d.allowed else "unauthorized_" + d.reason)
+            t.set_protocol(mux)
+            mux.connection_made(t)
+            return
         if not d.allowed:
             if alpn == ALPN_H2 and proxy.conn_opened():
                 from meshlet.proxy.http2 import H2Downstream

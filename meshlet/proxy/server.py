@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from meshlet.proxy.http1 import H1Upstream
     from meshlet.proxy.http2 import H2Upstream
     from meshlet.proxy.identity import IdentityManager
+    from meshlet.proxy.mux import MuxClient
     from meshlet.proxy.transparent import InboundPorts, OutboundDestinations
 
 __all__ = ["Proxy", "run_proxy"]
@@ -71,6 +72,10 @@ class Proxy:
         self.tunnels: OutboundDestinations | None = None
         # HTTP/2 upstream connections per endpoint key (`meshlet.proxy.http2`).
         self.h2pool: dict[tuple[str, int, str], list[H2Upstream]] = {}
+        # HTTP/1.1 to peer proxies as streams of shared connections (meshlet.proxy.mux).
+        self.muxpool: dict[tuple[str, int, str], list[MuxClient]] = {}
+        self.muxconnecting: dict[tuple[str, int, str], Any] = {}
+        self.no_mux: set[tuple[str, int, str]] = set()  # peers without meshlet/mux
         self._app_probe_at = -1.0
         self.metrics.gauge("pool_idle_connections", "Idle pooled upstream connections.",
                            lambda: [((), float(self.pool.idle_count()))])

@@ -1,0 +1,612 @@
+"""HTTP/1.1 between proxies over one multiplexed connection (ALPN `meshlet/mux`).
+
+Each HTTP/1.1 connection the outbound proxy would open to a peer proxy is instead a
+stream of a shared HTTP/2 connection over mesh TLS: the stream carries the HTTP/1.1 bytes
+unchanged, both ways, as DATA. Nothing is translated, so HTTP/1.1 keeps its exact
+semantics (framing, 100-continue, trailers, Upgrade); what changes is the transport: many
+client connections share one TLS session, one read and one write (one TLS record) carry
+the requests or responses of many of them, and a new client connection costs a stream
+(no handshake).
+
+- Outbound (`open_stream`): the endpoint's mux connection (made on first use, checked
+  like any mesh connection: TLS 1.3 and the expected peer identity) opens a stream; the
+  stream is a `StreamTransport`, handed to an ordinary `H1Upstream`, which the HTTP/1
+  pool keeps and reuses as if it were a TCP connection.
+- Inbound (`MuxServer`): each stream is a client connection served by an ordinary
+  `H1Downstream` (strict parsing, policy, `meshlet-client-id`, metrics, app pool).
+
+Rules:
+1. A `StreamTransport` behaves like an asyncio transport: `write` (queued beyond the
+   stream's flow-control window, `pause_writing` on its protocol past `HIGH_WATER`),
+   `write_eof` (END_STREAM: half-close crosses the mesh), `close` (END_STREAM after what
+   is queued, and RST_STREAM NO_ERROR if the peer still sends), `abort` (RST_STREAM
+   CANCEL), `pause_reading` (no WINDOW_UPDATE for what arrives meanwhile: the peer's
+   window bounds it). `connection_lost` is called once, from the loop.
+2. Writes of every stream are coalesced into one write per loop iteration on the shared
+   connection (`call_soon`): the batching is where the saving is.
+3. While the shared connection's transport is paused, streams queue their own output
+   (bounded by `HIGH_WATER` each, then paused), so the codec's buffer never grows without
+   bound.
+4. A stream is opened with a minimal request head and answered `:status 200` at once;
+   the stream ends with END_STREAM or RST_STREAM, never with HTTP/2 trailers.
+5. Counting: each stream counts as one connection (tcp_* metrics, `max_connections`),
+   the shared connection itself only in `max_connections`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from meshlet.proto.http2 import Connection as H2Connection
+from meshlet.proto.http2 import (
+    ConnectionTerminated,
+    DataReceived,
+    H2Error,
+    H2Settings,
+    RequestReceived,
+    StreamReset,
+    TrailersReceived,
+    UsageError,
+    WindowUpdated,
+)
+from meshlet.proxy.errors import error_response
+from meshlet.proxy.mtls import ALPN_MUX, open_upstream
+
+if TYPE_CHECKING:
+    from meshlet.api.endpoints import Endpoint
+    from meshlet.proxy.context import ListenerCtx
+
+__all__ = ["MuxServer", "StreamTransport", "open_stream"]
+
+log = logging.getLogger("meshlet.mux")
+
+HIGH_WATER = 256 * 1024  # queued output per stream before its protocol is paused
+LOW_WATER = 64 * 1024
+STREAM_WINDOW = 1 << 20  # per stream: a bulk transfer is not held back on loopback
+CONN_WINDOW = 16 << 20
+MAX_STREAMS = 1000  # per shared connection (SETTINGS_MAX_CONCURRENT_STREAMS)
+CANCEL = 0x8
+REFUSED_STREAM = 0x7
+
+_OPEN_HEAD_START = ((b":method", b"POST"), (b":scheme", b"https"), (b":path", b"/"))
+
+
+def _settings() -> H2Settings:
+    # Streams are connections that the HTTP/1 side opens and closes: a client closing
+    # many quickly is not a rapid-reset attack, but it stays bounded.
+    return H2Settings(initial_window_size=STREAM_WINDOW, connection_window_size=CONN_WINDOW,
+                      max_concurrent_streams=MAX_STREAMS, max_resets=100000)
+
+
+class StreamTransport(asyncio.Transport):
+    """One stream of a shared connection, seen by its protocol as a connection."""
+
+    __slots__ = ("_eof_in", "_eof_out", "_lost", "_out", "_out_size", "_paused_in",
+                 "_pending_in", "_proto", "_write_paused", "closing", "leg", "sid")
+
+    def __init__(self, leg: _MuxLeg, sid: int, protocol: asyncio.Protocol) -> None:
+        super().__init__()
+        self.leg = leg
+        self.sid = sid
+        self._proto = protocol
+        self.closing = False
+        self._lost = False
+        self._eof_out = False  # END_STREAM queued (sent once `_out` drains)
+        self._eof_in = False
+        self._out: deque[bytes] = deque()
+        self._out_size = 0
+        self._write_paused = False
+        self._paused_in = False
+        self._pending_in: list[bytes] = []
+
+    # --- asyncio.Transport ------------------------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        t = self.leg.transport
+        return t.get_extra_info(name, default) if t is not None else default
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._proto = protocol  # type: ignore[assignment]
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._proto
+
+    def is_reading(self) -> bool:
+        return not self._paused_in
+
+    def pause_reading(self) -> None:
+        self._paused_in = True
+
+    def resume_reading(self) -> None:
+        if not self._paused_in:
+            return
+        self._paused_in = False
+        pending, self._pending_in = self._pending_in, []
+        for i, data in enumerate(pending):
+            if self._lost:
+                return
+            self._deliver(data)
+            if self._paused_in:
+                # Paused again while delivering: keep the rest for the next resume.
+                self._pending_in = pending[i + 1:] + self._pending_in
+                return
+        if self._eof_in and not self._lost:
+            self._deliver_eof()
+
+    def get_write_buffer_size(self) -> int:
+        return self._out_size
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return LOW_WATER, HIGH_WATER
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None
+                                ) -> None:
+        pass  # fixed limits
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.closing or self._eof_out or not data:
+            return
+        leg = self.leg
+        if self._out or leg.paused:
+            self._queue(bytes(data))
+            return
+        try:
+            n = leg.conn.send_data(self.sid, data)
+        except UsageError:
+            return  # reset meanwhile: dropped, as a closed socket would
+        if n < len(data):
+            self._queue(bytes(data[n:]))
+        leg.flush()
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._eof_out or self.closing:
+            return
+        self._eof_out = True
+        if not self._out:
+            self._send_eof()
+
+    def close(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        if not self._eof_out:
+            self._eof_out = True
+            if not self._out:
+                self._send_eof()
+        if not self._out:
+            self._finish_close()
+
+    def abort(self) -> None:
+        if self._lost:
+            return
+        self.closing = True
+        self._out.clear()
+        self._out_size = 0
+        leg = self.leg
+        if leg.conn.stream_is_open(self.sid):
+            with contextlib.suppress(H2Error):
+                leg.conn.send_rst(self.sid, CANCEL)
+            leg.flush()
+        self._lost_now(None)
+
+    # --- output -----------------------------------------------------------------------
+
+    def _queue(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_size += len(data)
+        if not self._write_paused and self._out_size > HIGH_WATER:
+            self._write_paused = True
+            self._proto.pause_writing()
+
+    def drain(self) -> None:
+        """Send what waits, as far as the windows allow (a window opened, or the shared
+        transport resumed)."""
+        leg = self.leg
+        out = self._out
+        sent = False
+        while out and not leg.paused:
+            data = out[0]
+            try:
+                n = leg.conn.send_data(self.sid, data)
+            except UsageError:
+                out.clear()
+                self._out_size = 0
+                break
+            if n == 0:
+                break
+            sent = True
+            self._out_size -= n
+            if n < len(data):
+                out[0] = data[n:]
+                break
+            out.popleft()
+        if not out:
+            if self._eof_out and not leg.paused:
+                self._send_eof()
+                sent = True
+            if self.closing:
+                self._finish_close()
+        if sent:
+            leg.flush()
+        if self._write_paused and self._out_size <= LOW_WATER and not leg.paused:
+            self._write_paused = False
+            self._proto.resume_writing()
+
+    def _send_eof(self) -> None:
+        leg = self.leg
+        with contextlib.suppress(UsageError):
+            leg.conn.send_data(self.sid, b"", True)
+        leg.flush()
+
+    def _finish_close(self) -> None:
+        """Everything (and END_STREAM) is sent: if the peer still sends, tell it to stop;
+        the protocol hears connection_lost."""
+        leg = self.leg
+        if leg.conn.stream_is_open(self.sid):
+            with contextlib.suppress(H2Error):
+                leg.conn.send_rst(self.sid, 0)
+            leg.flush()
+        self._lost_now(None)
+
+    # --- input (from the leg) ---------------------------------------------------------
+
+    def received(self, data: Any, end: bool) -> None:
+        n = len(data)
+        if self._lost or self.closing:
+            self.leg.conn.acknowledge_received_data(self.sid, n)
+            return
+        if n:
+            chunk = bytes(data)
+            if self._paused_in:
+                self._pending_in.append(chunk)
+            else:
+                self._deliver(chunk)
+        if end:
+            self._eof_in = True
+            if not self._paused_in and not self._lost:
+                self._deliver_eof()
+
+    def _deliver(self, chunk: bytes) -> None:
+        leg = self.leg
+        # Consumed once handed over: the protocol forwards it or pauses us.
+        leg.conn.acknowledge_received_data(self.sid, len(chunk))
+        leg.flush()
+        self._proto.data_received(chunk)
+
+    def _deliver_eof(self) -> None:
+        if self._pending_in:
+            return
+        keep = self._proto.eof_received()
+        if not keep and not self._lost:
+            self.close()
+
+    def reset(self, exc: Exception | None) -> None:
+        """The peer reset the stream, or the shared connection is gone."""
+        if self._lost:
+            return
+        self.closing = True
+        self._out.clear()
+        self._out_size = 0
+        self._pending_in = []
+        self._lost_now(exc)
+
+    def _lost_now(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self.closing = True
+        self.leg.forget(self)
+        self.leg.ctx.loop.call_soon(self._proto.connection_lost, exc)
+
+
+class _MuxLeg(asyncio.Protocol):
+    """The shared connection: its codec, its streams, one write per loop iteration."""
+
+    def __init__(self, ctx: ListenerCtx, client_side: bool) -> None:
+        self.ctx = ctx
+        self.conn = H2Connection(client_side, _settings())
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, StreamTransport] = {}
+        self.paused = False
+        self.scheduled = False
+        self.idle_timer: asyncio.TimerHandle | None = None
+
+    def flush(self) -> None:
+        if not self.scheduled:
+            self.scheduled = True
+            self.ctx.loop.call_soon(self._write)
+
+    def _write(self) -> None:
+        self.scheduled = False
+        t = self.transport
+        if t is None or self.paused:
+            return
+        out = self.conn.data_to_send()
+        if out:
+            t.write(out)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._write()
+        for st in list(self.streams.values()):
+            st.drain()
+
+    def forget(self, st: StreamTransport) -> None:
+        if self.streams.get(st.sid) is st:
+            del self.streams[st.sid]
+            if not self.streams:
+                self.on_empty()
+
+    def on_empty(self) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive(data)
+        except H2Error as e:  # the codec turns protocol errors into events; be safe
+            log.warning("mux connection error: %s", e)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        streams = self.streams
+        for ev in events:
+            if isinstance(ev, DataReceived):
+                st = streams.get(ev.stream_id)
+                if st is None:
+                    self.conn.acknowledge_received_data(ev.stream_id, len(ev.data))
+                    continue
+                st.received(ev.data, ev.end_stream)
+            elif isinstance(ev, WindowUpdated):
+                if ev.stream_id:
+                    st = streams.get(ev.stream_id)
+                    if st is not None and st._out:
+                        st.drain()
+                else:
+                    for st in list(streams.values()):
+                        if st._out or st._eof_out:
+                            st.drain()
+            elif isinstance(ev, RequestReceived):
+                self.on_stream(ev)
+            elif isinstance(ev, StreamReset):
+                st = streams.get(ev.stream_id)
+                if st is not None:
+                    st.reset(ConnectionResetError("stream reset by the peer")
+                             if ev.error_code else None)
+            elif isinstance(ev, TrailersReceived):
+                st = streams.get(ev.stream_id)
+                if st is not None:
+                    st.received(b"", True)
+            elif isinstance(ev, ConnectionTerminated):
+                self.on_goaway(ev)
+        self.flush()
+
+    def on_stream(self, ev: RequestReceived) -> None:
+        self.conn.send_rst(ev.stream_id, REFUSED_STREAM)
+
+    def on_goaway(self, ev: ConnectionTerminated) -> None:
+        if not ev.remote:  # our codec gave up on the peer: the connection is over
+            self._write()
+            if self.transport is not None:
+                self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        err = exc or ConnectionResetError("mesh connection closed")
+        for st in list(self.streams.values()):
+            st.reset(err)
+        self.streams.clear()
+
+
+# --- outbound ----------------------------------------------------------------------------
+
+
+class MuxClient(_MuxLeg):
+    """The outbound side: one per endpoint while it has room for streams."""
+
+    def __init__(self, ctx: ListenerCtx, ep: Endpoint) -> None:
+        super().__init__(ctx, True)
+        self.ep = ep
+        self.closed = False
+        self.authority = ep.addr.encode()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.conn.initiate_connection()
+        self._write()
+
+    def has_room(self) -> bool:
+        if self.closed or self.conn.closed or self.transport is None:
+            return False
+        limit = self.conn.peer_settings.get(0x3, 100)
+        return len(self.streams) < limit
+
+    def open(self, factory: Callable[[], asyncio.Protocol]) -> tuple[StreamTransport, Any]:
+        conn = self.conn
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, (*_OPEN_HEAD_START, (b":authority", self.authority)))
+        proto = factory()
+        st = StreamTransport(self, sid, proto)
+        self.streams[sid] = st
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        self.flush()
+        proto.connection_made(st)
+        return st, proto
+
+    def on_empty(self) -> None:
+        if self.idle_timer is None and self.transport is not None and not self.closed:
+            self.idle_timer = self.ctx.loop.call_later(self.ctx.cfg.pool_idle_timeout,
+                                                       self._on_idle)
+
+    def _on_idle(self) -> None:
+        self.idle_timer = None
+        if self.streams:
+            return
+        self._retire()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _retire(self) -> None:
+        self.closed = True
+        lst = self.ctx.proxy.muxpool.get(self.ep.key)
+        if lst is not None and self in lst:
+            lst.remove(self)
+            if not lst:
+                del self.ctx.proxy.muxpool[self.ep.key]
+
+    def on_goaway(self, ev: ConnectionTerminated) -> None:
+        self._retire()  # no new streams here; those under way go on
+        if not ev.remote:
+            super().on_goaway(ev)
+            return
+        for sid in [s for s in self.streams if s > ev.last_stream_id]:
+            self.streams[sid].reset(ConnectionRefusedError("peer is going away"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._retire()
+        super().connection_lost(exc)
+
+
+class _Connecting:
+    """A mux connection being made: later callers wait for it instead of making more."""
+
+    def __init__(self) -> None:
+        self.fut: asyncio.Future[MuxClient] = asyncio.get_running_loop().create_future()
+
+
+async def open_stream(ctx: ListenerCtx, ep: Endpoint, factory: Callable[[], asyncio.Protocol]
+                      ) -> tuple[StreamTransport, Any]:
+    """A new stream to `ep` on its shared mesh connection, as (transport, protocol).
+    Raises what `open_upstream` raises when the connection cannot be made."""
+    proxy = ctx.proxy
+    mc: MuxClient
+    for mc in proxy.muxpool.get(ep.key, ()):
+        if mc.has_room():
+            return mc.open(factory)
+    waiting: _Connecting | None = proxy.muxconnecting.get(ep.key)
+    if waiting is not None:
+        mc = await asyncio.shield(waiting.fut)
+        if mc.has_room():
+            return mc.open(factory)
+    pending = _Connecting()
+    proxy.muxconnecting[ep.key] = pending
+    try:
+        t, made = await open_upstream(ctx, ep, lambda: MuxClient(ctx, ep), ALPN_MUX)
+        mc = made
+        ssl_obj = t.get_extra_info("ssl_object")
+        if ssl_obj is None or ssl_obj.selected_alpn_protocol() != ALPN_MUX:
+            t.abort()
+            proxy.no_mux.add(ep.key)  # an older peer: plain meshlet/h1 from now on
+            raise ConnectionRefusedError(f"{ep.addr} does not speak {ALPN_MUX}")
+    except BaseException as e:
+        if not pending.fut.done():
+            pending.fut.set_exception(e)
+            pending.fut.exception()  # retrieved: no "never retrieved" warning
+        raise
+    finally:
+        if proxy.muxconnecting.get(ep.key) is pending:
+            del proxy.muxconnecting[ep.key]
+    proxy.muxpool.setdefault(ep.key, []).append(mc)
+    pending.fut.set_result(mc)
+    return mc.open(factory)
+
+
+# --- inbound -----------------------------------------------------------------------------
+
+
+class MuxServer(_MuxLeg):
+    """The inbound side of a shared connection: each stream is an HTTP/1 client
+    connection (`H1Downstream`) under the connection's identity and policy."""
+
+    def __init__(self, ctx: ListenerCtx, client_line: bytes, deny: str | None) -> None:
+        super().__init__(ctx, False)
+        self.client_line = client_line
+        self.deny = deny  # refused by policy: every stream is answered 403
+        self.draining = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.ctx.proxy.conns.add(self)
+        self.conn.initiate_connection()
+        self._write()
+        self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        self.idle_timer = self.ctx.loop.call_later(self.ctx.cfg.idle_timeout, self._on_idle)
+
+    def _on_idle(self) -> None:
+        self.idle_timer = None
+        if self.streams:
+            self._arm_idle()
+            return
+        self.shutdown()
+
+    def on_empty(self) -> None:
+        if self.draining and self.transport is not None:
+            self._write()
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """Graceful: GOAWAY, the streams under way finish (their H1Downstreams are told
+        to close after their current response by the proxy's own shutdown)."""
+        self.draining = True
+        with contextlib.suppress(H2Error):
+            self.conn.send_goaway(0)
+        self._write()
+        if not self.streams and self.transport is not None:
+            self.transport.close()
+
+    def on_stream(self, ev: RequestReceived) -> None:
+        from meshlet.proxy.http1 import H1Downstream
+
+        ctx = self.ctx
+        conn = self.conn
+        sid = ev.stream_id
+        if self.draining or not ctx.proxy.conn_opened():
+            conn.send_rst(sid, REFUSED_STREAM)
+            return
+        conn.send_headers(sid, ((b":status", b"200"),))
+        ctx.tcp_src.opened += 1
+        if self.deny is not None:
+            data = error_response(403, self.deny)
+            conn.send_data(sid, data, True)
+            ctx.tcp_src.write_bytes += len(data)
+            ctx.tcp_src.closed += 1
+            ctx.proxy.conn_closed()
+            return
+        h = H1Downstream(ctx)
+        h.client_line = self.client_line
+        st = StreamTransport(self, sid, h)
+        self.streams[sid] = st
+        h.connection_made(st)
+        if ev.end_stream:
+            st.received(b"", True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.ctx.proxy.conns.discard(self)
+            self.ctx.proxy.conn_closed()
+        super().connection_lost(exc)
