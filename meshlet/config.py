@@ -91,7 +91,7 @@ class ProxyConfig:
     transparent: bool
     outbound_listen: Addr | None
     h2_keepalive: float
-    h1_mux: bool
+    mux: bool
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -269,10 +269,10 @@ _SETTINGS: dict[str, tuple[Callable[[str], Any], str, str]] = {
     "h2_keepalive": (parse_duration, "20s",
                      "HTTP/2 upstream connections with streams open: PING after this much "
                      "silence, close after as much again"),
-    "h1_mux": (_bool, "true",
-               "HTTP/1.1 to peer proxies travels as streams of one shared mesh TLS "
-               "connection per peer (ALPN meshlet/mux) instead of one TLS connection per "
-               "HTTP/1.1 connection"),
+    "mux": (_bool, "true",
+            "HTTP/1.1 and opaque TCP connections to a peer proxy travel as streams of one "
+            "shared mesh TLS connection per peer (ALPN meshlet/mux) instead of one TLS "
+            "connection each"),
     "outbound_listen": (_optional_addr, "127.0.0.1:4140",
                         "transparent mode's outbound listener (`meshlet init "
                         "--outbound-port`)"),

@@ -42,7 +42,7 @@ from meshlet.proto.http1 import (
 )
 from meshlet.proxy.balance import MAX_WAITERS, RESOLVE_TIMEOUT
 from meshlet.proxy.errors import error_response
-from meshlet.proxy.mtls import ALPN_H1, PeerIdentityError, open_upstream
+from meshlet.proxy.mtls import ALPN_H1, PeerIdentityError, mux_usable, open_upstream
 from meshlet.proxy.routing import backend_target
 from meshlet.proxy.tcp import splice
 
@@ -693,9 +693,7 @@ class H1Downstream(asyncio.Protocol):
             try:
                 uctx = ctx.meshed if (ep.identity and ctx.meshed) else ctx
                 factory = partial(H1Upstream, uctx, ep)
-                ident = ctx.proxy.identity
-                if uctx is not ctx and ctx.cfg.h1_mux and ident is not None and \
-                        ident.valid() and ep.key not in ctx.proxy.no_mux:
+                if mux_usable(ctx, ep):
                     from meshlet.proxy.mux import open_stream  # meshed proxies only
 
                     _s, up = await open_stream(ctx, ep, factory)

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     from meshlet.proxy.context import ListenerCtx
     from meshlet.proxy.transparent import InboundPorts
 
-__all__ = ["ALPN_H1", "ALPN_H2", "ALPN_MUX", "ALPN_TCP", "PeekingListener", "PeerIdentityError",
-           "open_upstream"]
+__all__ = ["ALPN_H1", "ALPN_H2", "ALPN_MUX", "ALPN_TCP", "PeekingListener",
+           "PeerIdentityError", "mux_usable", "open_upstream"]
 
 log = logging.getLogger("meshlet.mtls")
 
@@ -113,6 +113,15 @@ async def open_upstream(
         # nobody was attached to it. Using it would wait forever: a failed connect.
         raise ConnectionResetError(f"{ep.addr} reset the connection before use")
     return t, p
+
+
+def mux_usable(ctx: ListenerCtx, ep: Endpoint) -> bool:
+    """Whether a connection to `ep` goes as a stream of a shared connection
+    (`meshlet.proxy.mux`): a meshed endpoint, a valid certificate, mux not turned off,
+    and the peer not known to lack it."""
+    ident = ctx.proxy.identity
+    return bool(ep.identity) and ctx.cfg.mux and ident is not None and ident.valid() \
+        and ep.key not in ctx.proxy.no_mux
 
 
 def _count(ctx: ListenerCtx, d: Decision, policy: str, client: str | None) -> None:

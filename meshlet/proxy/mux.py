@@ -1,19 +1,20 @@
-"""HTTP/1.1 between proxies over one multiplexed connection (ALPN `meshlet/mux`).
+"""HTTP/1.1 and opaque TCP between proxies over one shared connection (ALPN `meshlet/mux`).
 
-Each HTTP/1.1 connection the outbound proxy would open to a peer proxy is instead a
-stream of a shared HTTP/2 connection over mesh TLS: the stream carries the HTTP/1.1 bytes
-unchanged, both ways, as DATA. Nothing is translated, so HTTP/1.1 keeps its exact
-semantics (framing, 100-continue, trailers, Upgrade); what changes is the transport: many
-client connections share one TLS session, one read and one write (one TLS record) carry
-the requests or responses of many of them, and a new client connection costs a stream
-(no handshake).
+Each HTTP/1.1 or opaque TCP connection the outbound proxy would open to a peer proxy is
+instead a stream of a shared HTTP/2 connection over mesh TLS: the stream carries the
+connection's bytes unchanged, both ways, as DATA. Nothing is translated, so HTTP/1.1
+keeps its exact semantics (framing, 100-continue, trailers, Upgrade); what changes is the
+transport: many client connections share one TLS session, one read and one write (one
+TLS record) carry the requests or responses of many of them, a new client connection
+costs a stream (no handshake), and a half-close crosses the mesh (END_STREAM).
 
 - Outbound (`open_stream`): the endpoint's mux connection (made on first use, checked
   like any mesh connection: TLS 1.3 and the expected peer identity) opens a stream; the
-  stream is a `StreamTransport`, handed to an ordinary `H1Upstream`, which the HTTP/1
-  pool keeps and reuses as if it were a TCP connection.
-- Inbound (`MuxServer`): each stream is a client connection served by an ordinary
-  `H1Downstream` (strict parsing, policy, `meshlet-client-id`, metrics, app pool).
+  stream is a `StreamTransport`, handed to an ordinary `H1Upstream` (which the HTTP/1
+  pool keeps and reuses as if it were a TCP connection) or to the TCP relay.
+- Inbound (`MuxServer`): each stream is a client connection, served by an ordinary
+  `H1Downstream` (strict parsing, policy, `meshlet-client-id`, metrics, app pool) or by
+  the TCP relay to the app.
 
 Rules:
 1. A `StreamTransport` behaves like an asyncio transport: `write` (queued beyond the
@@ -27,8 +28,10 @@ Rules:
 3. While the shared connection's transport is paused, streams queue their own output
    (bounded by `HIGH_WATER` each, then paused), so the codec's buffer never grows without
    bound.
-4. A stream is opened with a minimal request head and answered `:status 200` at once;
-   the stream ends with END_STREAM or RST_STREAM, never with HTTP/2 trailers.
+4. A stream is opened with a minimal request head whose `:path` says what it carries
+   (`/h1` or `/tcp`), and answered `:status 200` at once; it ends with END_STREAM or
+   RST_STREAM, never with HTTP/2 trailers. Denied by policy: an HTTP/1 stream gets a
+   403 and END_STREAM, a TCP stream is reset.
 5. Counting: each stream counts as one connection (tcp_* metrics, `max_connections`),
    the shared connection itself only in `max_connections`.
 """
@@ -61,7 +64,7 @@ if TYPE_CHECKING:
     from meshlet.api.endpoints import Endpoint
     from meshlet.proxy.context import ListenerCtx
 
-__all__ = ["MuxServer", "StreamTransport", "open_stream"]
+__all__ = ["H1", "TCP", "MuxServer", "StreamTransport", "open_stream"]
 
 log = logging.getLogger("meshlet.mux")
 
@@ -73,7 +76,9 @@ MAX_STREAMS = 1000  # per shared connection (SETTINGS_MAX_CONCURRENT_STREAMS)
 CANCEL = 0x8
 REFUSED_STREAM = 0x7
 
-_OPEN_HEAD_START = ((b":method", b"POST"), (b":scheme", b"https"), (b":path", b"/"))
+_OPEN_HEAD_START = ((b":method", b"POST"), (b":scheme", b"https"))
+H1 = b"/h1"  # what a stream carries (its `:path`): HTTP/1.1 ...
+TCP = b"/tcp"  # ... or opaque TCP bytes
 
 
 def _settings() -> H2Settings:
@@ -440,10 +445,12 @@ class MuxClient(_MuxLeg):
         limit = self.conn.peer_settings.get(0x3, 100)
         return len(self.streams) < limit
 
-    def open(self, factory: Callable[[], asyncio.Protocol]) -> tuple[StreamTransport, Any]:
+    def open(self, factory: Callable[[], asyncio.Protocol], kind: bytes
+             ) -> tuple[StreamTransport, Any]:
         conn = self.conn
         sid = conn.get_next_available_stream_id()
-        conn.send_headers(sid, (*_OPEN_HEAD_START, (b":authority", self.authority)))
+        conn.send_headers(sid, (*_OPEN_HEAD_START, (b":path", kind),
+                                (b":authority", self.authority)))
         proto = factory()
         st = StreamTransport(self, sid, proto)
         self.streams[sid] = st
@@ -495,20 +502,21 @@ class _Connecting:
         self.fut: asyncio.Future[MuxClient] = asyncio.get_running_loop().create_future()
 
 
-async def open_stream(ctx: ListenerCtx, ep: Endpoint, factory: Callable[[], asyncio.Protocol]
-                      ) -> tuple[StreamTransport, Any]:
-    """A new stream to `ep` on its shared mesh connection, as (transport, protocol).
-    Raises what `open_upstream` raises when the connection cannot be made."""
+async def open_stream(ctx: ListenerCtx, ep: Endpoint, factory: Callable[[], asyncio.Protocol],
+                      kind: bytes = H1) -> tuple[StreamTransport, Any]:
+    """A new stream to `ep` on its shared mesh connection, as (transport, protocol);
+    `kind`: H1 or TCP. Raises what `open_upstream` raises when the connection cannot
+    be made."""
     proxy = ctx.proxy
     mc: MuxClient
     for mc in proxy.muxpool.get(ep.key, ()):
         if mc.has_room():
-            return mc.open(factory)
+            return mc.open(factory, kind)
     waiting: _Connecting | None = proxy.muxconnecting.get(ep.key)
     if waiting is not None:
         mc = await asyncio.shield(waiting.fut)
         if mc.has_room():
-            return mc.open(factory)
+            return mc.open(factory, kind)
     pending = _Connecting()
     proxy.muxconnecting[ep.key] = pending
     try:
@@ -529,7 +537,7 @@ async def open_stream(ctx: ListenerCtx, ep: Endpoint, factory: Callable[[], asyn
             del proxy.muxconnecting[ep.key]
     proxy.muxpool.setdefault(ep.key, []).append(mc)
     pending.fut.set_result(mc)
-    return mc.open(factory)
+    return mc.open(factory, kind)
 
 
 # --- inbound -----------------------------------------------------------------------------
@@ -585,23 +593,37 @@ class MuxServer(_MuxLeg):
         ctx = self.ctx
         conn = self.conn
         sid = ev.stream_id
+        kind = next((v for k, v in ev.headers if k == b":path"), b"")
+        if kind not in (H1, TCP):
+            conn.send_rst(sid, REFUSED_STREAM)
+            return
         if self.draining or not ctx.proxy.conn_opened():
             conn.send_rst(sid, REFUSED_STREAM)
             return
         conn.send_headers(sid, ((b":status", b"200"),))
         ctx.tcp_src.opened += 1
         if self.deny is not None:
-            data = error_response(403, self.deny)
-            conn.send_data(sid, data, True)
-            ctx.tcp_src.write_bytes += len(data)
+            if kind == H1:
+                data = error_response(403, self.deny)
+                conn.send_data(sid, data, True)
+                ctx.tcp_src.write_bytes += len(data)
+            else:
+                conn.send_rst(sid, REFUSED_STREAM)  # denied TCP is closed
             ctx.tcp_src.closed += 1
             ctx.proxy.conn_closed()
             return
-        h = H1Downstream(ctx)
-        h.client_line = self.client_line
-        st = StreamTransport(self, sid, h)
-        self.streams[sid] = st
-        h.connection_made(st)
+        if kind == TCP:
+            from meshlet.proxy.tcp import start_relay
+
+            st = StreamTransport(self, sid, asyncio.Protocol())
+            self.streams[sid] = st
+            start_relay(ctx, st, b"")
+        else:
+            h = H1Downstream(ctx)
+            h.client_line = self.client_line
+            st = StreamTransport(self, sid, h)
+            self.streams[sid] = st
+            h.connection_made(st)
         if ev.end_stream:
             st.received(b"", True)
 

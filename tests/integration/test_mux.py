@@ -1,7 +1,7 @@
 """HTTP/1.1 between two meshed proxies as streams of one shared mTLS connection
 (ALPN meshlet/mux): many client connections, one mesh connection; bodies both ways;
 WebSocket; a client that vanishes; policy; a dead peer; the per-connection mode kept
-behind MESHLET_H1_MUX=false. Real processes, real TLS."""
+behind MESHLET_MUX=false. Real processes, real TLS."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from helpers import (
     ResponseReader,
     WsEchoServer,
     connect,
+    eventually,
     http_request,
     metric,
     pattern_sha256,
@@ -207,7 +208,7 @@ def test_a_dead_peer_gets_a_502_not_a_hang(control: Control, backend: HttpBacken
 def test_per_connection_mode_still_works(control: Control, backend: HttpBackend,
                                          tmp_path: Path) -> None:
     with _pair(control, tmp_path, backend.port,
-               a_env={"MESHLET_H1_MUX": "false"}) as (a, b):
+               a_env={"MESHLET_MUX": "false"}) as (a, b):
         assert b.inbound_port is not None
         port = a.outbound["web:80"]
         socks = [connect(port) for _ in range(3)]
@@ -221,3 +222,48 @@ def test_per_connection_mode_still_works(control: Control, backend: HttpBackend,
         finally:
             for s in socks:
                 s.close()
+
+
+def test_opaque_tcp_streams_with_half_close_across_the_mesh(control: Control,
+                                                            tmp_path: Path) -> None:
+    from helpers import TcpServer
+
+    with TcpServer(mode="hash") as db, \
+            ProxyProcess(app=db.port, ready_timeout=15,
+                         env=proxy_env(control, tmp_path / "b", "web",
+                                       MESHLET_OPAQUE_PORTS=str(db.port))) as b:
+        assert b.inbound_port is not None
+        eps = _endpoints(b.inbound_port).replace("name: web\n    port: 80",
+                                                 "name: db\n    port: 5432")
+        with ProxyProcess(outbound={"db:5432": "/opaque"}, endpoints=eps, ready_timeout=15,
+                          env=proxy_env(control, tmp_path / "a", "client")) as a:
+            port = a.outbound["db:5432"]
+            blobs = [os.urandom(2 * 1024 * 1024 + i) for i in range(5)]
+            socks = [socket.create_connection(("127.0.0.1", port), timeout=20)
+                     for _ in blobs]
+            try:
+                for s, blob in zip(socks, blobs, strict=True):
+                    s.sendall(blob)
+                # Five client connections in flight: one mesh connection.
+                inbound = b.inbound_port
+                eventually(lambda: _established_to(inbound) == 1, timeout=10)
+                time.sleep(0.3)
+                assert _established_to(inbound) == 1
+                for s, blob in zip(socks, blobs, strict=True):
+                    # The server answers only after our FIN reached it: a half-close
+                    # crossed both proxies and the mesh TLS connection.
+                    s.shutdown(socket.SHUT_WR)
+                    got = b""
+                    while True:
+                        d = s.recv(65536)
+                        if not d:
+                            break
+                        got += d
+                    want = f"{len(blob)} {hashlib.sha256(blob).hexdigest()}".encode()
+                    assert got == want
+            finally:
+                for s in socks:
+                    s.close()
+            m = b.metrics()
+            assert metric(m, "tcp_open_total", direction="inbound", peer="src",
+                          tls="true", client_id=CLIENT) == len(blobs)
