@@ -53,6 +53,7 @@ from meshlet.proto.http2 import (
     UsageError,
     WindowUpdated,
 )
+from meshlet.proxy.balance import MAX_WAITERS, RESOLVE_TIMEOUT
 from meshlet.proxy.mtls import ALPN_H2, PeerIdentityError, open_upstream
 
 if TYPE_CHECKING:
@@ -354,35 +355,70 @@ class H2Downstream(_Leg):
             out.append((k, v))
         if self.client_line:
             out.append((b"meshlet-client-id", self.client_line))
-        stats = ctx.by_host.get(authority) or ctx.http_stats(authority)
-        stats.requests += 1
-        st = _Stream(self, ev.stream_id, stats, _grpc(ev.headers), ctx.loop.time())
+        st = _Stream(self, ev.stream_id, ctx.by_host.get(authority) or
+                     ctx.http_stats(authority), _grpc(ev.headers), ctx.loop.time())
         self.streams[ev.stream_id] = st
-        if self.deny is not None:
-            self._fail(st, 403, self.deny)
-            return
         if timeout is not None:
             # The caller's deadline, honoured here too: the proxy answers
             # DEADLINE_EXCEEDED (and resets the upstream stream) if the app is late.
             st.deadline = ctx.loop.call_later(timeout, self._deadline, st)
+        if ev.end_stream:
+            st.up_done = True
+        if self.deny is not None:
+            st.stats.requests += 1
+            self._fail(st, 403, self.deny)
+            return
+        target = ctx.target
+        if target.pending and ctx.fixed is None:
+            # Discovery has no endpoint yet: wait for one (bounded), the request's body
+            # waiting in its queue (bounded by the stream window).
+            if target.waiters >= MAX_WAITERS:
+                st.stats.requests += 1
+                self._fail(st, 503, "queue_full")
+                return
+            ctx.loop.create_task(self._wait_target(st, tuple(out), ev.end_stream, authority))
+            return
+        self._dispatch(st, tuple(out), ev.end_stream, authority)
+
+    async def _wait_target(self, st: _Stream, headers: tuple[tuple[bytes, bytes], ...],
+                           end: bool, authority: bytes) -> None:
+        target = self.ctx.target
+        target.waiters += 1
+        try:
+            await target.wait_ready(RESOLVE_TIMEOUT)
+        finally:
+            target.waiters -= 1
+        if st.down_done or self.transport is None:
+            return
+        self._dispatch(st, headers, end, authority)
+        self.flush()
+
+    def _dispatch(self, st: _Stream, headers: tuple[tuple[bytes, bytes], ...], end: bool,
+                  authority: bytes) -> None:
+        """Balance the request and send it on an upstream connection to the endpoint."""
+        ctx = self.ctx
         ep = ctx.fixed
         if ep is None:
             es = ctx.target.choose()
             if es is None:
+                st.stats.requests += 1
                 self._fail(st, 503, "no_endpoints")
                 return
             es.pending += 1
             st.es = es
             ep = es.ep
+            meshed = ctx.meshed
+            if ep.identity and meshed is not None:
+                # To a peer proxy over mTLS: the metrics say tls="true".
+                st.stats = meshed.by_host.get(authority) or meshed.http_stats(authority)
+        st.stats.requests += 1
         st.ep = ep
         up = _pool_get(ctx, ep)
         if up is None:
             up = H2Upstream(ctx, ep)
             _pool_add(ctx, ep, up)
             ctx.loop.create_task(up.connect())
-        up.attach(st, tuple(out), ev.end_stream)
-        if ev.end_stream:
-            st.up_done = True
+        up.attach(st, headers, end)
 
     def _deadline(self, st: _Stream) -> None:
         st.deadline = None

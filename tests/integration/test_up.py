@@ -4,6 +4,7 @@ the endpoints, a refused mesh-file edit, and an ordered stop."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import signal
@@ -189,6 +190,37 @@ def test_up_opaque_tcp_service(tmp_path: Path) -> None:
                       client_id="spiffe://cluster.local/ns/default/sa/client") > 0
     finally:
         up.proc.send_signal(signal.SIGTERM)
+        rc = up.proc.wait(30)
+        up.reader.join(5)
+    assert rc == 0, up.text()
+
+
+@pytest.mark.timeout(120)
+def test_grpc_example(tmp_path: Path) -> None:
+    """examples/grpc as bundled: one gRPC channel from the caller, three greeter
+    replicas; through the sidecars every call is balanced on its own, over mTLS."""
+    pytest.importorskip("grpc")
+    up = UpProcess(ROOT / "examples" / "grpc" / "mesh.yaml", tmp_path / "state")
+    try:
+        up.wait_line("caller: hello call 1 from greeter-", timeout=60)
+        first = next(x for x in up.lines if "caller: hello call 1" in x)
+        # The greeter saw the caller's verified identity.
+        assert "(caller: spiffe://grpc.local/ns/default/sa/caller)" in first
+        up.wait_line("answered by:", timeout=30)
+        line = next(x for x in up.lines if "answered by:" in x)
+        counts = ast.literal_eval(line.split("answered by:", 1)[1].strip())
+        assert not [k for k in counts if k.startswith("error")], line
+        # One connection from the app, yet more than one replica answered.
+        assert len([k for k in counts if k.startswith("greeter-")]) >= 2, line
+        info = json.loads((tmp_path / "state" / "up.json").read_text())
+        caller = next(r for r in info["replicas"] if r["service"] == "caller")
+        admin = int(caller["admin"].rpartition(":")[2])
+        m = parse_metrics(http_request(admin, path="/metrics").body.decode())
+        assert metric(m, "response_total", direction="outbound", tls="true",
+                      grpc_status="0") >= sum(counts.values())
+    finally:
+        if up.proc.poll() is None:
+            up.proc.send_signal(signal.SIGTERM)
         rc = up.proc.wait(30)
         up.reader.join(5)
     assert rc == 0, up.text()
