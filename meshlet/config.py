@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -92,6 +93,9 @@ class ProxyConfig:
     outbound_listen: Addr | None
     h2_keepalive: float
     mux: bool
+    app_tls: bool
+    app_tls_ca: str | None
+    app_tls_name: str
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -273,6 +277,14 @@ _SETTINGS: dict[str, tuple[Callable[[str], Any], str, str]] = {
             "HTTP/1.1 and opaque TCP connections to a peer proxy travel as streams of one "
             "shared mesh TLS connection per peer (ALPN meshlet/mux) instead of one TLS "
             "connection each"),
+    "app_tls": (_bool, "false",
+                "the app serves TLS: the inbound proxy connects to it over TLS 1.2+, with "
+                "ALPN h2 for HTTP/2 and http/1.1 for HTTP/1.1 (opaque TCP is passed as is)"),
+    "app_tls_ca": (_optional_str, "",
+                   "PEM file of the CA the app's certificate is checked against (unset: "
+                   "not checked; the app is on this host, reached over loopback)"),
+    "app_tls_name": (str, "localhost", "server name sent to the app (SNI) and, with "
+                     "MESHLET_APP_TLS_CA, checked in its certificate"),
     "outbound_listen": (_optional_addr, "127.0.0.1:4140",
                         "transparent mode's outbound listener (`meshlet init "
                         "--outbound-port`)"),
@@ -355,6 +367,11 @@ def parse_proxy_config(
             errors.append(f"{env_name('outbound_proxy_listen')}: needs "
                           f"{env_name('control_addr')} (discovery), and no "
                           f"{env_name('endpoints_file')}")
+        ca = values["app_tls_ca"]
+        if ca is not None and not values["app_tls"]:
+            errors.append(f"{env_name('app_tls_ca')}: needs {env_name('app_tls')}=true")
+        elif ca is not None and not os.path.isfile(ca):
+            errors.append(f"{env_name('app_tls_ca')}: {ca}: no such file")
         if values["control_addr"] is not None:
             for field in ("trust_anchors", "identity", "join_token_file"):
                 if values[field] is None:

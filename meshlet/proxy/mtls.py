@@ -23,6 +23,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +106,22 @@ async def open_upstream(
         if got != ep.identity:
             t.abort()
             raise PeerIdentityError(f"peer is {got or 'unidentified'}, expected {ep.identity}")
+    elif ctx.cfg.app_tls and ep is ctx.fixed and alpn != ALPN_TCP:
+        # The app serves TLS itself (MESHLET_APP_TLS): speak it, with the protocol
+        # the client used as ALPN.
+        want = "h2" if alpn == ALPN_H2 else "http/1.1"
+        t, p = await asyncio.wait_for(
+            loop.create_connection(factory, ep.host, ep.port, ssl=_app_context(ctx, want),
+                                   server_hostname=ctx.cfg.app_tls_name,
+                                   ssl_handshake_timeout=ctx.cfg.connect_timeout),
+            ctx.cfg.connect_timeout,
+        )
+        ssl_obj = t.get_extra_info("ssl_object")
+        got = ssl_obj.selected_alpn_protocol() if ssl_obj is not None else None
+        if want == "h2" and got != "h2":
+            t.abort()
+            raise ConnectionRefusedError(f"the app at {ep.addr} did not agree to h2 "
+                                         f"(ALPN {got!r})")
     else:
         t, p = await asyncio.wait_for(
             loop.create_connection(factory, ep.host, ep.port), ctx.cfg.connect_timeout)
@@ -113,6 +130,27 @@ async def open_upstream(
         # nobody was attached to it. Using it would wait forever: a failed connect.
         raise ConnectionResetError(f"{ep.addr} reset the connection before use")
     return t, p
+
+
+_app_contexts: dict[str, ssl.SSLContext] = {}
+
+
+def _app_context(ctx: ListenerCtx, alpn: str) -> ssl.SSLContext:
+    """TLS to the app (MESHLET_APP_TLS), by ALPN; checked against MESHLET_APP_TLS_CA if
+    set, else not checked (the app is local)."""
+    c = _app_contexts.get(alpn)
+    if c is None:
+        c = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        c.minimum_version = ssl.TLSVersion.TLSv1_2
+        ca = ctx.cfg.app_tls_ca
+        if ca:
+            c.load_verify_locations(cafile=ca)
+        else:
+            c.check_hostname = False
+            c.verify_mode = ssl.CERT_NONE
+        c.set_alpn_protocols([alpn])
+        _app_contexts[alpn] = c
+    return c
 
 
 def mux_usable(ctx: ListenerCtx, ep: Endpoint) -> bool:

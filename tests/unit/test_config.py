@@ -197,3 +197,15 @@ def test_bad_positive_ints(text: str) -> None:
 def test_empty_inbound_listen_disables_inbound() -> None:
     errs = errors({**APP, "MESHLET_INBOUND_LISTEN_ADDR": ""})
     assert errs[0].startswith("MESHLET_APP_ADDR: ")  # nothing left to proxy
+
+
+def test_app_tls_settings(tmp_path: object) -> None:
+    c = parse_proxy_config(APP)
+    assert (c.app_tls, c.app_tls_ca, c.app_tls_name, c.mux) == (False, None, "localhost", True)
+    assert errors({**APP, "MESHLET_APP_TLS_CA": "/etc/hostname"}) == [
+        "MESHLET_APP_TLS_CA: needs MESHLET_APP_TLS=true"]
+    assert errors({**APP, "MESHLET_APP_TLS": "true", "MESHLET_APP_TLS_CA": "/nonexistent.pem"}
+                  ) == ["MESHLET_APP_TLS_CA: /nonexistent.pem: no such file"]
+    c = parse_proxy_config({**APP, "MESHLET_APP_TLS": "yes", "MESHLET_APP_TLS_NAME": "app.local",
+                            "MESHLET_MUX": "false"})
+    assert (c.app_tls, c.app_tls_name, c.mux) == (True, "app.local", False)
