@@ -830,15 +830,17 @@ class H1Downstream(asyncio.Protocol):
         if self.state == S_CLOSED:
             return
         req = self.req
+        refused = isinstance(exc, ConnectionRefusedError)  # a mux stream not processed
         if (
             not got_bytes
-            and up.reused
+            and (up.reused or refused)
             and not self.retried
             and req is not None
             and self.req_bytes is not None
-            and req.method in _IDEMPOTENT
+            and (req.method in _IDEMPOTENT or refused)
         ):
-            # A pooled connection the server closed as we wrote: safe to send again.
+            # A pooled connection the server closed as we wrote, or a stream the peer
+            # refused (RFC 9113 8.7: not processed): safe to send again.
             self.retried = True
             self.state = S_CONNECT
             self._pause(P_CONNECT)

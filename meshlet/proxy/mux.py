@@ -58,7 +58,7 @@ from meshlet.proto.http2 import (
     WindowUpdated,
 )
 from meshlet.proxy.errors import error_response
-from meshlet.proxy.mtls import ALPN_MUX, open_upstream
+from meshlet.proxy.mtls import ALPN_H1, ALPN_MUX, ALPN_TCP, open_upstream
 
 if TYPE_CHECKING:
     from meshlet.api.endpoints import Endpoint
@@ -91,8 +91,9 @@ def _settings() -> H2Settings:
 class StreamTransport(asyncio.Transport):
     """One stream of a shared connection, seen by its protocol as a connection."""
 
-    __slots__ = ("_eof_in", "_eof_out", "_lost", "_out", "_out_size", "_paused_in",
-                 "_pending_in", "_proto", "_write_paused", "closing", "leg", "sid")
+    __slots__ = ("_eof_done", "_eof_in", "_eof_out", "_lost", "_out", "_out_size",
+                 "_paused_in", "_pending_in", "_proto", "_rst_after_eof", "_write_paused",
+                 "closing", "leg", "sid")
 
     def __init__(self, leg: _MuxLeg, sid: int, protocol: asyncio.Protocol) -> None:
         super().__init__()
@@ -103,6 +104,8 @@ class StreamTransport(asyncio.Transport):
         self._lost = False
         self._eof_out = False  # END_STREAM queued (sent once `_out` drains)
         self._eof_in = False
+        self._eof_done = False  # eof_received called
+        self._rst_after_eof = False  # the peer ended, then reset NO_ERROR: drain, then lost
         self._out: deque[bytes] = deque()
         self._out_size = 0
         self._write_paused = False
@@ -134,17 +137,28 @@ class StreamTransport(asyncio.Transport):
         if not self._paused_in:
             return
         self._paused_in = False
-        pending, self._pending_in = self._pending_in, []
-        for i, data in enumerate(pending):
-            if self._lost:
-                return
-            self._deliver(data)
-            if self._paused_in:
-                # Paused again while delivering: keep the rest for the next resume.
-                self._pending_in = pending[i + 1:] + self._pending_in
-                return
-        if self._eof_in and not self._lost:
+        if (self._pending_in or self._eof_in) and not self._lost:
+            # Never from inside resume_reading (an asyncio transport does not call
+            # data_received there): the protocol may not be ready for it yet.
+            self.leg.ctx.loop.call_soon(self._flush_in)
+
+    def _flush_in(self) -> None:
+        """Deliver what arrived while reading was paused, in order, until paused again."""
+        pending = self._pending_in
+        while pending and not self._paused_in and not self._lost:
+            self._deliver(pending.pop(0))
+        if not pending and self._eof_in and not self._paused_in and not self._lost \
+                and not self._eof_done:
             self._deliver_eof()
+
+    def _drop_pending(self) -> None:
+        """Input that will never be delivered still gives its window back: the shared
+        connection's window must not shrink with every stream that ends early."""
+        n = sum(len(d) for d in self._pending_in)
+        self._pending_in = []
+        if n:
+            self.leg.conn.acknowledge_received_data(self.sid, n)
+            self.leg.flush()
 
     def get_write_buffer_size(self) -> int:
         return self._out_size
@@ -273,16 +287,17 @@ class StreamTransport(asyncio.Transport):
         n = len(data)
         if self._lost or self.closing:
             self.leg.conn.acknowledge_received_data(self.sid, n)
+            self.leg.flush()
             return
         if n:
             chunk = bytes(data)
-            if self._paused_in:
-                self._pending_in.append(chunk)
+            if self._paused_in or self._pending_in:
+                self._pending_in.append(chunk)  # in order behind what waits
             else:
                 self._deliver(chunk)
         if end:
             self._eof_in = True
-            if not self._paused_in and not self._lost:
+            if not self._paused_in and not self._pending_in and not self._lost:
                 self._deliver_eof()
 
     def _deliver(self, chunk: bytes) -> None:
@@ -293,20 +308,31 @@ class StreamTransport(asyncio.Transport):
         self._proto.data_received(chunk)
 
     def _deliver_eof(self) -> None:
-        if self._pending_in:
+        if self._eof_done:
             return
+        self._eof_done = True
         keep = self._proto.eof_received()
-        if not keep and not self._lost:
+        if self._lost:
+            return
+        if self._rst_after_eof:
+            self._out.clear()
+            self._out_size = 0
+            self._lost_now(None)  # the peer is gone for good: nothing more to do
+        elif not keep:
             self.close()
 
-    def reset(self, exc: Exception | None) -> None:
-        """The peer reset the stream, or the shared connection is gone."""
+    def reset(self, exc: Exception | None, graceful: bool = False) -> None:
+        """The peer reset the stream (`graceful`: NO_ERROR after its END_STREAM: what it
+        sent is still delivered), or the shared connection is gone."""
         if self._lost:
             return
         self.closing = True
         self._out.clear()
         self._out_size = 0
-        self._pending_in = []
+        if graceful and self._eof_in and not self._eof_done:
+            self._rst_after_eof = True  # delivered as reading allows, then lost
+            return
+        self._drop_pending()
         self._lost_now(exc)
 
     def _lost_now(self, exc: Exception | None) -> None:
@@ -314,6 +340,7 @@ class StreamTransport(asyncio.Transport):
             return
         self._lost = True
         self.closing = True
+        self._drop_pending()
         self.leg.forget(self)
         self.leg.ctx.loop.call_soon(self._proto.connection_lost, exc)
 
@@ -346,9 +373,15 @@ class _MuxLeg(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused = True
+        # The peer is not reading: read nothing more from it either, so nothing it
+        # sends (new streams, PINGs) can grow what we owe it while paused.
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.paused = False
+        if self.transport is not None:
+            self.transport.resume_reading()
         self._write()
         for st in list(self.streams.values()):
             st.drain()
@@ -392,8 +425,13 @@ class _MuxLeg(asyncio.Protocol):
             elif isinstance(ev, StreamReset):
                 st = streams.get(ev.stream_id)
                 if st is not None:
-                    st.reset(ConnectionResetError("stream reset by the peer")
-                             if ev.error_code else None)
+                    code = ev.error_code
+                    if code == REFUSED_STREAM:  # not processed: safe to try again
+                        st.reset(ConnectionRefusedError("stream refused by the peer"))
+                    elif code:
+                        st.reset(ConnectionResetError("stream reset by the peer"))
+                    else:
+                        st.reset(None, graceful=True)
             elif isinstance(ev, TrailersReceived):
                 st = streams.get(ev.stream_id)
                 if st is not None:
@@ -445,7 +483,7 @@ class MuxClient(_MuxLeg):
         limit = self.conn.peer_settings.get(0x3, 100)
         return len(self.streams) < limit
 
-    def open(self, factory: Callable[[], asyncio.Protocol], kind: bytes
+    def open(self, factory: Callable[[], asyncio.Protocol], kind: bytes = H1
              ) -> tuple[StreamTransport, Any]:
         conn = self.conn
         sid = conn.get_next_available_stream_id()
@@ -496,51 +534,80 @@ class MuxClient(_MuxLeg):
 
 
 class _Connecting:
-    """A mux connection being made: later callers wait for it instead of making more."""
+    """A mux connection being made: later callers wait for it instead of making more.
+    Its result is None when the peer turned out not to speak `meshlet/mux`."""
 
     def __init__(self) -> None:
-        self.fut: asyncio.Future[MuxClient] = asyncio.get_running_loop().create_future()
+        self.fut: asyncio.Future[MuxClient | None] = \
+            asyncio.get_running_loop().create_future()
+
+
+def _open_on(mc: MuxClient, factory: Callable[[], asyncio.Protocol], kind: bytes
+             ) -> tuple[StreamTransport, Any]:
+    try:
+        return mc.open(factory, kind)
+    except UsageError as e:  # the connection went away between the check and now
+        raise ConnectionRefusedError(f"mesh connection unusable: {e}") from None
 
 
 async def open_stream(ctx: ListenerCtx, ep: Endpoint, factory: Callable[[], asyncio.Protocol],
-                      kind: bytes = H1) -> tuple[StreamTransport, Any]:
+                      kind: bytes = H1) -> tuple[Any, Any]:
     """A new stream to `ep` on its shared mesh connection, as (transport, protocol);
     `kind`: H1 or TCP. Raises what `open_upstream` raises when the connection cannot
-    be made."""
+    be made. A peer without `meshlet/mux` gets a connection of its own (`meshlet/h1`
+    or `meshlet/tcp`), now and from then on."""
     proxy = ctx.proxy
-    mc: MuxClient
-    for mc in proxy.muxpool.get(ep.key, ()):
-        if mc.has_room():
-            return mc.open(factory, kind)
-    waiting: _Connecting | None = proxy.muxconnecting.get(ep.key)
-    if waiting is not None:
-        mc = await asyncio.shield(waiting.fut)
-        if mc.has_room():
-            return mc.open(factory, kind)
-    pending = _Connecting()
-    proxy.muxconnecting[ep.key] = pending
-    try:
-        t, made = await open_upstream(ctx, ep, lambda: MuxClient(ctx, ep), ALPN_MUX)
+    key = ep.key
+    for _ in range(64):  # each turn finds room, or waits for (or makes) a connection
+        if key in proxy.no_mux:
+            return await open_upstream(ctx, ep, factory, ALPN_H1 if kind == H1 else ALPN_TCP)
+        for mc in proxy.muxpool.get(key, ()):
+            if mc.has_room():
+                return _open_on(mc, factory, kind)
+        waiting: _Connecting | None = proxy.muxconnecting.get(key)
+        if waiting is not None:
+            await asyncio.shield(waiting.fut)  # then look again
+            continue
+        pending = _Connecting()
+        proxy.muxconnecting[key] = pending
+        try:
+            t, made = await open_upstream(ctx, ep, lambda: MuxClient(ctx, ep), ALPN_MUX)
+            ssl_obj = t.get_extra_info("ssl_object")
+            if ssl_obj is None or ssl_obj.selected_alpn_protocol() != ALPN_MUX:
+                t.abort()
+                log.info("%s does not speak %s: one connection per client connection",
+                         ep.addr, ALPN_MUX)
+                proxy.no_mux.add(key)  # an older peer
+                pending.fut.set_result(None)
+                continue
+        except BaseException as e:
+            if not pending.fut.done():
+                pending.fut.set_exception(e)
+                pending.fut.exception()  # retrieved: no "never retrieved" warning
+            raise
+        finally:
+            if proxy.muxconnecting.get(key) is pending:
+                del proxy.muxconnecting[key]
         mc = made
-        ssl_obj = t.get_extra_info("ssl_object")
-        if ssl_obj is None or ssl_obj.selected_alpn_protocol() != ALPN_MUX:
-            t.abort()
-            proxy.no_mux.add(ep.key)  # an older peer: plain meshlet/h1 from now on
-            raise ConnectionRefusedError(f"{ep.addr} does not speak {ALPN_MUX}")
-    except BaseException as e:
-        if not pending.fut.done():
-            pending.fut.set_exception(e)
-            pending.fut.exception()  # retrieved: no "never retrieved" warning
-        raise
-    finally:
-        if proxy.muxconnecting.get(ep.key) is pending:
-            del proxy.muxconnecting[ep.key]
-    proxy.muxpool.setdefault(ep.key, []).append(mc)
-    pending.fut.set_result(mc)
-    return mc.open(factory, kind)
+        proxy.muxpool.setdefault(key, []).append(mc)
+        pending.fut.set_result(mc)
+        if mc.has_room():
+            return _open_on(mc, factory, kind)
+    raise ConnectionRefusedError(f"no room for a stream to {ep.addr}")
 
 
 # --- inbound -----------------------------------------------------------------------------
+
+
+class _Denied(asyncio.Protocol):
+    """A stream refused by policy: it gets its 403, reads nothing, counts its close."""
+
+    def __init__(self, ctx: ListenerCtx) -> None:
+        self.ctx = ctx
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ctx.tcp_src.closed += 1
+        self.ctx.proxy.conn_closed()
 
 
 class MuxServer(_MuxLeg):
@@ -597,6 +664,8 @@ class MuxServer(_MuxLeg):
         if kind not in (H1, TCP):
             conn.send_rst(sid, REFUSED_STREAM)
             return
+        if conn.closed or self.transport is None:
+            return  # the codec gave up on this connection earlier in this read
         if self.draining or not ctx.proxy.conn_opened():
             conn.send_rst(sid, REFUSED_STREAM)
             return
@@ -604,13 +673,17 @@ class MuxServer(_MuxLeg):
         ctx.tcp_src.opened += 1
         if self.deny is not None:
             if kind == H1:
+                # A 403 for the client, then the stream ends (queued like any output).
+                st = StreamTransport(self, sid, _Denied(ctx))
+                self.streams[sid] = st
                 data = error_response(403, self.deny)
-                conn.send_data(sid, data, True)
+                st.write(data)
                 ctx.tcp_src.write_bytes += len(data)
+                st.close()
             else:
                 conn.send_rst(sid, REFUSED_STREAM)  # denied TCP is closed
-            ctx.tcp_src.closed += 1
-            ctx.proxy.conn_closed()
+                ctx.tcp_src.closed += 1
+                ctx.proxy.conn_closed()
             return
         if kind == TCP:
             from meshlet.proxy.tcp import start_relay

@@ -267,3 +267,58 @@ def test_opaque_tcp_streams_with_half_close_across_the_mesh(control: Control,
             m = b.metrics()
             assert metric(m, "tcp_open_total", direction="inbound", peer="src",
                           tls="true", client_id=CLIENT) == len(blobs)
+
+
+def test_concurrent_large_uploads(control: Control, backend: HttpBackend,
+                                  tmp_path: Path) -> None:
+    """Twelve 2 MiB uploads at once on fresh streams: the inbound side reads each body
+    while it is still connecting to the app (reading paused, then resumed)."""
+    with _pair(control, tmp_path, backend.port) as (a, _b):
+        port = a.outbound["web:80"]
+        out: list[object] = []
+        lock = threading.Lock()
+
+        def one() -> None:
+            blob = os.urandom(2 * 1024 * 1024)
+            try:
+                r = http_request(port, method="POST", path="/delay/200", body=blob, timeout=30)
+                ok = r.status == 200 and \
+                    json.loads(r.body)["body_sha256"] == hashlib.sha256(blob).hexdigest()
+                res: object = "ok" if ok else r.status
+            except OSError as e:
+                res = repr(e)
+            with lock:
+                out.append(res)
+
+        threads = [threading.Thread(target=one) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert out == ["ok"] * 12
+
+
+def test_abandoned_downloads_give_their_window_back(
+        control: Control, backend: HttpBackend, tmp_path: Path) -> None:
+    """Clients that stop reading a large download and then vanish: what the mesh
+    connection had received for them, undelivered, is credited back, so after more
+    of them than the connection window holds (16 MiB) the connection still carries
+    traffic."""
+    with _pair(control, tmp_path, backend.port) as (a, b):
+        assert b.inbound_port is not None
+        port = a.outbound["web:80"]
+        for _ in range(24):
+            s = connect(port)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(b"GET /bytes/8000000 HTTP/1.1\r\nHost: web\r\n\r\n")
+            s.recv(1000)
+            time.sleep(0.15)  # the download fills the paths and stalls
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00"
+                         b"\x00\x00\x00\x00")
+            s.close()
+        assert _established_to(b.inbound_port) == 1
+        r = http_request(port, path="/anything", timeout=10)
+        assert r.status == 200
+        with connect(port, timeout=30) as s:
+            status, body = _get(s, "/bytes/3000000")
+            assert status == 200 and len(body) == 3000000
