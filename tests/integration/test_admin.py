@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -171,3 +172,15 @@ def test_metrics_pass_promtool(stack: contextlib.ExitStack, backend: HttpBackend
     assert metric(m, "tcp_open_total", direction="inbound", peer="src") >= 7
     assert metric(m, "tcp_read_bytes_total", direction="inbound", peer="src") > 0
     assert metric(m, "tcp_write_bytes_total", direction="inbound", peer="src") > 0
+
+
+def test_proxy_runs_lean_without_site(backend: HttpBackend) -> None:
+    """`meshlet proxy` re-executes itself with `python -S` (no `.pth` hooks of the
+    installation), keeping its pid; MESHLET_LEAN=0 keeps the ordinary interpreter."""
+    for lean, want in (("1", True), ("0", False)):
+        with ProxyProcess(app=backend.port, env={"MESHLET_LEAN": lean}) as p:
+            assert p.proc is not None
+            argv = Path(f"/proc/{p.proc.pid}/cmdline").read_bytes().split(b"\0")
+            assert (b"-S" in argv) is want, argv
+            assert argv[-4:] == [b"-m", b"meshlet", b"proxy", b""], argv
+            assert http_request(p.inbound_port or 0, path="/anything").status == 200
