@@ -260,13 +260,26 @@ def parse_request(
     removal (inbound: never trust them from outside). CONNECT is refused (405) unless
     `allow_connect` (the outbound HTTP proxy listener, which tunnels it).
     """
-    m = _REQUEST_FAST_RE.match(buf)
-    if m is not None:
-        end = m.end()
-        method, target, host = m.group(1, 2, 3)
-        if end <= max_head and m.end(2) + 9 <= max_line and method != b"CONNECT":
+    end = buf.find(b"\r\n\r\n", 0, max_head)
+    if end >= 0:
+        end += 4
+        key = bytes(buf) if end == len(buf) else bytes(buf[:end])
+        if key in _req_cache:
+            got = _req_cache[key]
+        else:
+            m = _REQUEST_FAST_RE.match(key)
+            got = m.group(1, 2, 3) if m is not None and m.end() == end else None
+            if end <= _CACHE_HEAD_MAX:
+                if len(_req_cache) >= _CACHE_MAX:
+                    _req_cache.clear()
+                _req_cache[key] = got
+    else:
+        got = None
+    if got is not None:
+        method, target, host = got
+        if len(method) + len(target) + 10 <= max_line and method != b"CONNECT":
             h = RequestHead()
-            h.raw = buf if end == len(buf) and type(buf) is bytes else bytes(buf[:end])
+            h.raw = key
             h.end = end
             h.method = method
             h.target = target
@@ -356,18 +369,41 @@ def parse_request(
 _KEEP_UPGRADE: Final = frozenset((b"upgrade",))
 
 
+# Fast-path verdicts by exact head bytes. Validation is a pure function of the head, and
+# a backend's (or a client's) heads repeat byte for byte (a Date field changes once a
+# second), so a repeated head costs a dict lookup instead of a regex match. Bounded:
+# cleared when full, so odd heads only cost the ordinary match.
+_CACHE_MAX = 512  # heads per cache (at most 512 x 2 KiB: 1 MiB each, 200 KB typical)
+_CACHE_HEAD_MAX = 2048  # longer heads are matched every time
+_resp_cache: dict[bytes, tuple[int, int]] = {}  # head -> (status or 0: not simple, length)
+_req_cache: dict[bytes, tuple[bytes, bytes, bytes] | None] = {}  # head -> method, target, host
+
+
 def match_simple_response(data: bytes) -> int | None:
     """The status of `data` if it is exactly one whole HTTP/1.1 response with a
     Content-Length, a body, and nothing to rewrite (the proxy's fast path); else None.
     Never raises: anything else goes through `parse_response`."""
-    m = _RESPONSE_FAST_RE.match(data)
-    if m is None:
+    end = data.find(b"\r\n\r\n", 0, 65536)
+    if end < 0:
         return None
-    code, cl = m.group(1, 2)
-    end = m.end()
-    if end + int(cl) != len(data) or end > 65536 or code == b"204" or code == b"304":
+    end += 4
+    head = data[:end]
+    hit = _resp_cache.get(head)
+    if hit is None:
+        m = _RESPONSE_FAST_RE.match(head)
+        if m is None or m.end() != end:
+            hit = (0, 0)
+        else:
+            code, cl = m.group(1, 2)
+            hit = (0 if code == b"204" or code == b"304" else int(code), int(cl))
+        if end <= _CACHE_HEAD_MAX:
+            if len(_resp_cache) >= _CACHE_MAX:
+                _resp_cache.clear()
+            _resp_cache[head] = hit
+    status, length = hit
+    if not status or end + length != len(data):
         return None
-    return int(code)
+    return status
 
 
 def parse_response(

@@ -90,17 +90,17 @@ def test_a_wrong_app_certificate_is_refused(grpc_tls_server: tuple[int, Path],
     port, _ca = grpc_tls_server
     other_ca, _c, _k = _ca_and_cert(tmp_path / "other")
     with ProxyProcess(app=port, env={"MESHLET_APP_TLS": "true",
-                                     "MESHLET_APP_TLS_CA": str(other_ca)}) as p:
-        with grpc.insecure_channel(f"127.0.0.1:{p.inbound_port}") as ch:
-            with pytest.raises(grpc.RpcError) as e:
-                ch.unary_unary("/t.T/Hello")(b"x", timeout=10)
-            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+                                     "MESHLET_APP_TLS_CA": str(other_ca)}) as p, \
+            grpc.insecure_channel(f"127.0.0.1:{p.inbound_port}") as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            ch.unary_unary("/t.T/Hello")(b"x", timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_GET(self) -> None:
         body = f"tls app saw {self.path}\n".encode()
         self.send_response(200)
         self.send_header("content-length", str(len(body)))
