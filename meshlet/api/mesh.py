@@ -105,6 +105,7 @@ class Service:
     routes: tuple[Route, ...] = ()
     retry_budget: RetryBudgetSpec | None = None
     address: str | None = None  # virtual IP, normalized (`ipaddress` compressed form)
+    app_tls: bool = False  # the app serves TLS: its sidecar speaks TLS to it
 
     @property
     def fqn(self) -> str:
@@ -290,7 +291,7 @@ def _service(c: Checker, node: yaml.Node, field: str) -> Service | None:
         return None
     c.unknown(m, {"name", "namespace", "account", "ports", "opaque_ports", "protocol",
                   "workloads", "meshed", "policy", "run", "expose", "routes",
-                  "retry_budget", "address"}, field)
+                  "retry_budget", "address", "app_tls"}, field)
     n_before = len(c.errors)
     if "name" not in m:
         c.err(node, f"{field}.name", "required")
@@ -328,6 +329,7 @@ def _service(c: Checker, node: yaml.Node, field: str) -> Service | None:
         ports = [x for x in ports if x.port != num]
         ports.append(PortSpec(num, "opaque"))
     meshed = _bool(c, m.get("meshed"), f"{field}.meshed", True)
+    app_tls = _bool(c, m.get("app_tls"), f"{field}.app_tls", False)
     workloads: list[Workload] = []
     wnode = m.get("workloads")
     for j, w in enumerate(c.sequence(wnode, f"{field}.workloads")):
@@ -364,7 +366,8 @@ def _service(c: Checker, node: yaml.Node, field: str) -> Service | None:
     if len(c.errors) != n_before or name is None or ns is None or account is None:
         return None
     return Service(name, ns, account, tuple(ports), tuple(workloads), meshed, policy, run,
-                   expose, node.start_mark.line + 1, tuple(routes), budget, address)
+                   expose, node.start_mark.line + 1, tuple(routes), budget, address,
+                   bool(app_tls))
 
 
 def _duration(c: Checker, node: yaml.Node | None, field: str, hi: float = 3600.0

@@ -385,6 +385,8 @@ class Up:
             if r.inbound_port is not None:
                 env["MESHLET_INBOUND_LISTEN_ADDR"] = f"127.0.0.1:{r.inbound_port}"
                 env["MESHLET_APP_ADDR"] = f"127.0.0.1:{r.app_port}"
+                if r.service.app_tls:
+                    env["MESHLET_APP_TLS"] = "true"
                 opaque = [p for p in r.service.ports if p.protocol == "opaque"]
                 if opaque and len(r.service.ports) == 1:
                     env["MESHLET_OPAQUE_PORTS"] = str(r.app_port)
@@ -429,6 +431,8 @@ class Up:
                          if p.protocol == "opaque"})
         if opaque:
             env["MESHLET_OPAQUE_PORTS"] = ",".join(map(str, opaque))
+        if r.service.app_tls:
+            env["MESHLET_APP_TLS"] = "true"
         r.proxy = self.child(f"{r.name}/proxy", [*ns, *me, "proxy"], env, "proxy", color)
         r.proxy.gid = PROXY_GID
         run = r.service.run

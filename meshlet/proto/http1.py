@@ -260,6 +260,8 @@ def parse_request(
     removal (inbound: never trust them from outside). CONNECT is refused (405) unless
     `allow_connect` (the outbound HTTP proxy listener, which tunnels it).
     """
+    got: tuple[bytes, bytes, bytes] | None = None
+    key = b""
     end = buf.find(b"\r\n\r\n", 0, max_head)
     if end >= 0:
         end += 4
@@ -267,16 +269,15 @@ def parse_request(
         if key in _req_cache:
             got = _req_cache[key]
         else:
-            m = _REQUEST_FAST_RE.match(key)
-            got = m.group(1, 2, 3) if m is not None and m.end() == end else None
+            fm = _REQUEST_FAST_RE.match(key)
+            if fm is not None and fm.end() == end:
+                got = (fm[1], fm[2], fm[3])
             if end <= _CACHE_HEAD_MAX:
                 if len(_req_cache) >= _CACHE_MAX:
                     _req_cache.clear()
                 _req_cache[key] = got
-    else:
-        got = None
     if got is not None:
-        method, target, host = got
+        method, target, fast_host = got
         if len(method) + len(target) + 10 <= max_line and method != b"CONNECT":
             h = RequestHead()
             h.raw = key
@@ -284,7 +285,7 @@ def parse_request(
             h.method = method
             h.target = target
             h.version = 11
-            h.host = host.rstrip(b" \t").lower()
+            h.host = fast_host.rstrip(b" \t").lower()
             h.upgrade = None
             h.expect_continue = False
             _simple(h, BODY_NONE, 0)

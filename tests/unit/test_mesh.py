@@ -236,3 +236,12 @@ services:
     assert "m.yaml:4: services[0].address: 'not-an-ip' is not an IP address" in text
     assert "services[1].address: needs at least one port" in text
     assert "services[3].address: address 10.0.0.2 already used by the service on line 8" in text
+
+
+def test_app_tls() -> None:
+    m = parse_mesh_yaml("services:\n  - name: a\n    ports: [8443]\n    app_tls: true\n"
+                        "  - name: b\n    ports: [80]\n", P)
+    assert m.by_name["a.default"].app_tls is True
+    assert m.by_name["b.default"].app_tls is False
+    errs = errors("services:\n  - name: a\n    ports: [8443]\n    app_tls: sometimes\n")
+    assert errs == [f"{P}:4: services[0].app_tls: expected true or false, got 'sometimes'"]
