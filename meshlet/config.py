@@ -12,7 +12,6 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -154,6 +153,8 @@ def parse_addr(text: str) -> Addr:
     if not 0 <= port <= 65535:
         raise ValueError(f"port {port} out of range in {text!r}")
     if m.group(1):
+        import ipaddress  # IPv6 literals only: not loaded by every proxy
+
         try:
             ipaddress.IPv6Address(host)
         except ValueError:

@@ -18,16 +18,18 @@ per connection.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # ipaddress is loaded only when a policy names networks
+    import ipaddress
+
+    IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+    IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 __all__ = ["DEFAULTS", "Decision", "Policy", "PolicyError", "Rule", "authorize", "parse_policy"]
 
 DEFAULTS = ("all-unauthenticated", "all-authenticated", "deny")
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class PolicyError(ValueError):
@@ -133,6 +135,8 @@ def parse_policy(name: str, spec: Mapping[str, Any]) -> Policy:
         nets: list[IPNetwork] = []
         for n in r.get("networks", []) or []:
             try:
+                import ipaddress
+
                 nets.append(ipaddress.ip_network(str(n), strict=False))
             except ValueError:
                 errors.append(f"{field}.networks: invalid CIDR {n!r}")

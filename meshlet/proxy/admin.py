@@ -9,7 +9,6 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 from typing import TYPE_CHECKING
 
 from meshlet.config import Addr
@@ -88,6 +87,8 @@ class _Admin(asyncio.Protocol):
                 return _response(405, b"use POST\n")
             peer = self.transport.get_extra_info("peername")
             host = peer[0] if peer else ""
+            import ipaddress  # only here: not loaded by every proxy
+
             try:
                 loopback = ipaddress.ip_address(host.split("%")[0]).is_loopback
             except ValueError:

@@ -43,7 +43,6 @@ from meshlet.proto.http1 import (
 from meshlet.proxy.balance import MAX_WAITERS, RESOLVE_TIMEOUT
 from meshlet.proxy.errors import error_response
 from meshlet.proxy.mtls import ALPN_H1, PeerIdentityError, mux_usable, open_upstream
-from meshlet.proxy.routing import backend_target
 from meshlet.proxy.tcp import splice
 
 if TYPE_CHECKING:
@@ -274,6 +273,8 @@ class H1Downstream(asyncio.Protocol):
                 elif route.cum:
                     svc = route.backend()
                     if svc:  # traffic split: another service
+                        from meshlet.proxy.routing import backend_target  # routes only
+
                         target = backend_target(target, svc, ctx.proxy.lookup)
                 if route.add_lines or route.drop:
                     req.drop = req.drop | route.drop

@@ -20,7 +20,6 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import ssl
@@ -223,6 +222,8 @@ class _Pending:
         self.plain = plain
         self.tls = tls
         self.conn = conn
+        import ipaddress  # meshed proxies only
+
         self.addr = ipaddress.ip_address(host.split("%")[0])
         self.seen = -1
         self.done = False
