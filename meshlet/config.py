@@ -498,4 +498,5 @@ def parse_control_config(
 
 
 # Variables read by other commands, so the proxy does not call them unknown.
-_OTHER_VARS: frozenset[str] = frozenset((*_CONTROL_ENV_NAMES.values(), "MESHLET_LEAN"))
+_OTHER_VARS: frozenset[str] = frozenset((*_CONTROL_ENV_NAMES.values(), "MESHLET_LEAN",
+                                                "MESHLET_LEAN_PYTHONPATH"))

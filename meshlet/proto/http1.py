@@ -374,7 +374,7 @@ _KEEP_UPGRADE: Final = frozenset((b"upgrade",))
 # a backend's (or a client's) heads repeat byte for byte (a Date field changes once a
 # second), so a repeated head costs a dict lookup instead of a regex match. Bounded:
 # cleared when full, so odd heads only cost the ordinary match.
-_CACHE_MAX = 512  # heads per cache (at most 512 x 2 KiB: 1 MiB each, 200 KB typical)
+_CACHE_MAX = 512  # heads per cache (at most ~1-2 MiB each; ~200 KB typical)
 _CACHE_HEAD_MAX = 2048  # longer heads are matched every time
 _resp_cache: dict[bytes, tuple[int, int]] = {}  # head -> (status or 0: not simple, length)
 _req_cache: dict[bytes, tuple[bytes, bytes, bytes] | None] = {}  # head -> method, target, host
@@ -388,7 +388,7 @@ def match_simple_response(data: bytes) -> int | None:
     if end < 0:
         return None
     end += 4
-    head = data[:end]
+    head = bytes(data[:end])
     hit = _resp_cache.get(head)
     if hit is None:
         m = _RESPONSE_FAST_RE.match(head)

@@ -80,7 +80,7 @@ class _Stream:
 
     __slots__ = ("deadline", "down", "down_done", "ep", "es", "grpc", "grpc_status", "sent",
                  "sid", "started", "stats", "status", "to_down", "to_up", "uid", "up",
-                 "up_done")
+                 "up_done", "waiter")
 
     def __init__(self, down: H2Downstream, sid: int, stats: HttpStats, grpc: bool,
                  started: float) -> None:
@@ -106,6 +106,7 @@ class _Stream:
         self.down_done = False  # the response was sent whole (or the stream ended)
         self.grpc_status = -1  # from the trailers (or a trailers-only response)
         self.deadline: asyncio.TimerHandle | None = None  # grpc-timeout
+        self.waiter: asyncio.Task[None] | None = None  # waiting for an endpoint
 
 
 def _grpc(headers: tuple[tuple[bytes, bytes], ...]) -> bool:
@@ -376,7 +377,8 @@ class H2Downstream(_Leg):
                 st.stats.requests += 1
                 self._fail(st, 503, "queue_full")
                 return
-            ctx.loop.create_task(self._wait_target(st, tuple(out), ev.end_stream, authority))
+            st.waiter = ctx.loop.create_task(
+                self._wait_target(st, tuple(out), ev.end_stream, authority))
             return
         self._dispatch(st, tuple(out), ev.end_stream, authority)
 
@@ -388,6 +390,7 @@ class H2Downstream(_Leg):
             await target.wait_ready(RESOLVE_TIMEOUT)
         finally:
             target.waiters -= 1
+        st.waiter = None
         if st.down_done or self.transport is None:
             return
         self._dispatch(st, headers, end, authority)
@@ -424,6 +427,8 @@ class H2Downstream(_Leg):
         st.deadline = None
         if st.down_done:
             return
+        if st.ep is None:  # still waiting for an endpoint: count the request now
+            st.stats.requests += 1
         up = st.up
         self._fail(st, 504, "deadline_exceeded")
         if up is not None:
@@ -547,6 +552,9 @@ class H2Downstream(_Leg):
         if st.deadline is not None:
             st.deadline.cancel()
             st.deadline = None
+        if st.waiter is not None:
+            st.waiter.cancel()
+            st.waiter = None
         if st.grpc:
             code = _GRPC_DEADLINE if status == 504 else \
                 _GRPC_DENIED if status == 403 else _GRPC_UNAVAILABLE
@@ -598,6 +606,9 @@ class H2Downstream(_Leg):
     def _abandon(self, st: _Stream) -> None:
         """The client is gone or reset the stream: reset the upstream one."""
         st.down_done = True
+        if st.waiter is not None:  # frees its place among the waiters at once
+            st.waiter.cancel()
+            st.waiter = None
         _release(st)
         if st.deadline is not None:
             st.deadline.cancel()

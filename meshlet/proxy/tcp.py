@@ -28,7 +28,10 @@ __all__ = ["splice", "start_relay"]
 
 log = logging.getLogger("meshlet.tcp")
 
-HIGH_WATER = 1 << 20  # bytes queued for one side before the other stops being read
+# Bytes queued for one side before the other stops being read: at most 2 MiB per relayed
+# connection (both ways), like Envoy's default per-connection buffer limit of 1 MiB; with
+# `max_connections` that bounds the whole process. (Mux streams keep their own 256 KiB.)
+HIGH_WATER = 1 << 20
 
 
 class _Side(asyncio.Protocol):
