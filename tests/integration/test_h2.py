@@ -421,3 +421,38 @@ def test_abandoned_request_bodies_do_not_shrink_the_connection_window() -> None:
             pump()
         s.close()
         assert answered == 40
+
+
+def test_h2_request_waits_for_an_endpoint(h2app: H2Backend, tmp_path: Path) -> None:
+    """An HTTP/2 request to a destination without a ready endpoint is held (as HTTP/1
+    ones are), then sent when one appears; with none for the fail-fast timeout, 503."""
+    import threading
+    import time
+
+    mesh_file = tmp_path / "mesh.yaml"
+    text = ("services:\n  - name: h2app\n    ports: [80]\n    meshed: false\n"
+            "    workloads: [{address: \"127.0.0.1:%d\", ready: %s}]\n")
+    write_mesh(mesh_file, text % (h2app.port, "false"))
+    gen = start_control(tmp_path / "control", mesh_file=mesh_file)
+    control = next(gen)
+    try:
+        with ProxyProcess(outbound={"h2app:80": ""}, ready_timeout=15,
+                          env=proxy_env(control, tmp_path / "a", "client")) as a:
+            port = a.outbound["h2app:80"]
+            t0 = time.monotonic()
+            status, fields, _body = curl(port, "/none")
+            assert (status, fields.get("meshlet-proxy-error")) == (503, "no_endpoints")
+            assert 2.5 < time.monotonic() - t0 < 6
+            got: list[tuple[int, bytes]] = []
+            t = threading.Thread(target=lambda: got.append(curl(port, "/later")[::2]))
+            t.start()
+            time.sleep(0.5)
+            write_mesh(mesh_file, text % (h2app.port, "true"))
+            t.join(10)
+            assert got == [(200, b"hello from h2 /later client=-\n")]
+            m = a.metrics()
+            assert metric(m, "request_total", direction="outbound") == 2
+            assert metric(m, "response_total", direction="outbound", status_code="503") == 1
+    finally:
+        with contextlib.suppress(StopIteration):
+            next(gen)
