@@ -388,6 +388,11 @@ class Proxy:
                 }
                 for name, bal in self.balancers.items()
             },
+            # Shared mesh connections to peers (meshlet/mux): streams open on each.
+            "mux": [{"peer": f"{host}:{port}", "identity": ident,
+                     "streams": [len(mc.streams) for mc in conns]}
+                    for (host, port, ident), conns in self.muxpool.items()],
+            "no_mux": sorted(f"{h}:{p}" for h, p, _i in self.no_mux),
             "pid": os.getpid(),
         }
 

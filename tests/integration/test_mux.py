@@ -109,6 +109,9 @@ def test_many_client_connections_share_one_mesh_connection(
         assert ids == {CLIENT}  # each stream carries the verified identity
         # 20 requests in flight at once reached B over one TLS connection.
         assert counts and max(counts) == 1, counts
+        mux = a.admin_get("/config").json()["mux"]
+        assert [(m["peer"], m["identity"], len(m["streams"])) for m in mux] == [
+            (f"127.0.0.1:{b.inbound_port}", WEB, 1)]  # one shared connection to B
         m = b.metrics()
         # Each stream is a client connection of B's (tls, identity), each request counted.
         assert metric(m, "tcp_open_total", direction="inbound", peer="src", tls="true",
