@@ -1043,6 +1043,14 @@ class UpProcess:
     def text(self) -> str:
         return "\n".join(self.lines)
 
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM (if still running), wait, and return `meshlet up`'s exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout)
+        self.reader.join(5)
+        return rc
+
     def wait_line(self, needle: str, timeout: float = 30) -> None:
         """Until a line contains `needle`; fails at once if `meshlet up` exited."""
         def seen() -> bool:

@@ -54,6 +54,7 @@ from meshlet.proto.http2 import (
     WindowUpdated,
 )
 from meshlet.proxy.balance import MAX_WAITERS, RESOLVE_TIMEOUT
+from meshlet.proxy.idle import IdleClose
 from meshlet.proxy.mtls import ALPN_H2, PeerIdentityError, open_upstream
 
 if TYPE_CHECKING:
@@ -245,7 +246,7 @@ class _Leg(asyncio.Protocol):
         pass
 
 
-class H2Downstream(_Leg):
+class H2Downstream(IdleClose, _Leg):
     """A client's HTTP/2 connection (server side of the codec)."""
 
     __slots__ = ("client_line", "closing", "deny", "idle_timer", "streams")
@@ -292,18 +293,6 @@ class H2Downstream(_Leg):
         self.write_now()
         if not self.streams and self.transport is not None:
             self.transport.close()
-
-    def _arm_idle(self) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-        self.idle_timer = self.ctx.loop.call_later(self.ctx.cfg.idle_timeout, self._on_idle)
-
-    def _on_idle(self) -> None:
-        self.idle_timer = None
-        if self.streams:
-            self._arm_idle()
-            return
-        self.shutdown()
 
     def received(self, data: bytes) -> None:
         self.ctx.tcp_src.read_bytes += len(data)

@@ -58,6 +58,7 @@ from meshlet.proto.http2 import (
     WindowUpdated,
 )
 from meshlet.proxy.errors import error_response
+from meshlet.proxy.idle import IdleClose
 from meshlet.proxy.mtls import ALPN_H1, ALPN_MUX, ALPN_TCP, open_upstream
 
 if TYPE_CHECKING:
@@ -610,7 +611,7 @@ class _Denied(asyncio.Protocol):
         self.ctx.proxy.conn_closed()
 
 
-class MuxServer(_MuxLeg):
+class MuxServer(IdleClose, _MuxLeg):
     """The inbound side of a shared connection: each stream is an HTTP/1 client
     connection (`H1Downstream`) under the connection's identity and policy."""
 
@@ -626,18 +627,6 @@ class MuxServer(_MuxLeg):
         self.conn.initiate_connection()
         self._write()
         self._arm_idle()
-
-    def _arm_idle(self) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-        self.idle_timer = self.ctx.loop.call_later(self.ctx.cfg.idle_timeout, self._on_idle)
-
-    def _on_idle(self) -> None:
-        self.idle_timer = None
-        if self.streams:
-            self._arm_idle()
-            return
-        self.shutdown()
 
     def on_empty(self) -> None:
         if self.draining and self.transport is not None:

@@ -111,10 +111,7 @@ def test_meshlet_up_example(tmp_path: Path) -> None:
         assert f"{mesh}:20: services[2].run.replicas: expected an integer" in up.text()
         assert get(expose)[0] == 200
     finally:
-        if up.proc.poll() is None:
-            up.proc.send_signal(signal.SIGTERM)
-        rc = up.proc.wait(30)
-        up.reader.join(5)
+        rc = up.stop()
     assert rc == 0, up.text()
     out = up.text()
     order = [out.index(f"{what} stopped") for what in ("apps", "sidecars", "control plane")]
@@ -189,9 +186,7 @@ def test_up_opaque_tcp_service(tmp_path: Path) -> None:
         assert metric(m, "tcp_open_total", direction="inbound", peer="src", tls="true",
                       client_id="spiffe://cluster.local/ns/default/sa/client") > 0
     finally:
-        up.proc.send_signal(signal.SIGTERM)
-        rc = up.proc.wait(30)
-        up.reader.join(5)
+        rc = up.stop()
     assert rc == 0, up.text()
 
 
@@ -219,8 +214,5 @@ def test_grpc_example(tmp_path: Path) -> None:
         assert metric(m, "response_total", direction="outbound", tls="true",
                       grpc_status="0") >= sum(counts.values())
     finally:
-        if up.proc.poll() is None:
-            up.proc.send_signal(signal.SIGTERM)
-        rc = up.proc.wait(30)
-        up.reader.join(5)
+        rc = up.stop()
     assert rc == 0, up.text()

@@ -98,8 +98,7 @@ def test_up_netns_runs_pods_and_cleans_up(mesh_file: Path, tmp_path: Path,
                                timeout=60)
         assert check.returncode == 0, check.stdout + check.stderr
     finally:
-        up.proc.send_signal(signal.SIGTERM)
-        rc = up.proc.wait(60)
+        rc = up.stop(60)
     assert rc == 0, up.text()
     assert "pods removed" in up.text()
     assert not ours(), ours()
