@@ -95,6 +95,11 @@ class _Proto(asyncio.Protocol):
             self.trailers.append((sid, [(b"x-bytes", str(len(self.pending[sid])).encode())]))
             self.drain()
             return
+        if path == b"/headreset":  # a response head, then the stream is reset
+            self.conn.send_headers(sid, [(b":status", b"200")])
+            self.conn.reset_stream(sid)
+            self.flush()
+            return
         if path.startswith(b"/big?n="):
             n = int(path.split(b"=", 1)[1])
             self.conn.send_headers(sid, [(b":status", b"200")])

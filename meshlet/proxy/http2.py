@@ -109,6 +109,14 @@ class _Stream:
         self.deadline: asyncio.TimerHandle | None = None  # grpc-timeout
         self.waiter: asyncio.Task[None] | None = None  # waiting for an endpoint
 
+    def stop_timers(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+        if self.waiter is not None:
+            self.waiter.cancel()
+            self.waiter = None
+
 
 def _grpc(headers: tuple[tuple[bytes, bytes], ...]) -> bool:
     for k, v in headers:
@@ -499,22 +507,26 @@ class H2Downstream(IdleClose, _Leg):
         """The response went down whole: count it, forget the stream."""
         if st.down_done:
             return
-        st.down_done = True
         if st.to_up:
             _release(st)  # answered before the whole request was sent: drop the rest
-        if st.deadline is not None:
-            st.deadline.cancel()
-            st.deadline = None
-        now = self.ctx.loop.time()
-        latency_ms = (now - st.started) * 1000.0
+        latency_ms = (self.ctx.loop.time() - st.started) * 1000.0
         if st.grpc_status >= 0:
             st.stats.grpc_response(st.status or 502, st.grpc_status, latency_ms)
         else:
             st.stats.response(st.status or 502, latency_ms)
+        self._end(st, st.status >= 500)
+
+    def _end(self, st: _Stream, failed: bool) -> None:
+        """The stream is over for this side (answered, failed or reset): timers off, the
+        balancer told, the upstream stream let go, a draining connection closed when its
+        last stream ends."""
+        st.down_done = True
+        st.stop_timers()
         es = st.es
         if es is not None:
             st.es = None
-            self.ctx.target.observe(es, now - st.sent, now, st.status >= 500)
+            now = self.ctx.loop.time()
+            self.ctx.target.observe(es, now - st.sent, now, failed)
         self.streams.pop(st.sid, None)
         if st.up is not None:
             st.up.detach(st)
@@ -527,23 +539,17 @@ class H2Downstream(IdleClose, _Leg):
         self.flush()
 
     def _fail(self, st: _Stream, status: int, reason: str) -> None:
-        """A proxy-made answer for a stream whose response has not started."""
+        """A proxy-made answer for a stream whose response has not started; once it has,
+        all that is left is a reset."""
         if st.down_done:
             return
         _release(st)
-        if st.status:  # the head went down already: all we can do is reset
+        if st.status:  # the head went down already
             self.conn.send_rst(st.sid, CANCEL)
-            st.down_done = True
-            self.streams.pop(st.sid, None)
             st.stats.response(st.status, (self.ctx.loop.time() - st.started) * 1000.0)
+            self._end(st, True)
             return
         st.status = status
-        if st.deadline is not None:
-            st.deadline.cancel()
-            st.deadline = None
-        if st.waiter is not None:
-            st.waiter.cancel()
-            st.waiter = None
         if st.grpc:
             code = _GRPC_DEADLINE if status == 504 else \
                 _GRPC_DENIED if status == 403 else _GRPC_UNAVAILABLE
@@ -564,46 +570,25 @@ class H2Downstream(IdleClose, _Leg):
                 self.conn.send_data(st.sid, body, True)
         except UsageError:
             pass
-        es = st.es
-        if es is not None:
-            st.es = None
-            self.ctx.target.observe(es, self.ctx.loop.time() - st.started,
-                                    self.ctx.loop.time(), True)
-        st.down_done = True
         latency_ms = (self.ctx.loop.time() - st.started) * 1000.0
         if st.grpc:
             st.grpc_status = int(code)
             st.stats.grpc_response(200, st.grpc_status, latency_ms)
         else:
             st.stats.response(status, latency_ms)
-        self.streams.pop(st.sid, None)
-        if st.up is not None:
-            st.up.detach(st)
+        self._end(st, True)
 
     def reset(self, st: _Stream) -> None:
         """The upstream reset its stream: reset ours (or answer 502 before the head)."""
-        _release(st)
-        if not st.status:
-            self._fail(st, 502, "upstream_reset")
-        elif not st.down_done:
-            self.conn.send_rst(st.sid, CANCEL)
-            st.down_done = True
-            self.streams.pop(st.sid, None)
-            st.stats.response(st.status, (self.ctx.loop.time() - st.started) * 1000.0)
-        self.flush()
+        self.fail(st, 502, "upstream_reset")
 
     def _abandon(self, st: _Stream) -> None:
         """The client is gone or reset the stream: reset the upstream one."""
         st.down_done = True
-        if st.waiter is not None:  # frees its place among the waiters at once
-            st.waiter.cancel()
-            st.waiter = None
+        st.stop_timers()  # a waiter frees its place among the waiters at once
         _release(st)
-        if st.deadline is not None:
-            st.deadline.cancel()
-            st.deadline = None
         es = st.es
-        if es is not None:
+        if es is not None:  # the client left: no verdict on the endpoint
             st.es = None
             es.pending -= 1
         up = st.up

@@ -456,3 +456,41 @@ def test_h2_request_waits_for_an_endpoint(h2app: H2Backend, tmp_path: Path) -> N
     finally:
         with contextlib.suppress(StopIteration):
             next(gen)
+
+
+def test_upstream_reset_after_the_head_settles_the_balancer(h2app: H2Backend) -> None:
+    """A stream the app resets after its response head: the client's stream is reset,
+    and the endpoint's count of requests in flight (the balancer's load) goes back to 0."""
+    eps = (f"services:\n  - name: web\n    port: 80\n    endpoints:\n"
+           f"      - addr: 127.0.0.1:{h2app.port}\n")
+    with ProxyProcess(outbound={"web:80": ""}, endpoints=eps) as a:
+        import h2.events
+
+        port = a.outbound["web:80"]
+        s, c = _h2_client_socket(port)
+        with s:
+            seen: list[tuple[str, int]] = []
+            for _ in range(3):
+                sid = c.get_next_available_stream_id()
+                c.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"http"),
+                                     (b":path", b"/headreset"), (b":authority", b"web")],
+                               end_stream=True)
+                s.sendall(c.data_to_send())
+                while not any(k == "reset" and i == sid for k, i in seen):
+                    data = s.recv(65536)
+                    assert data, "connection closed"
+                    for ev in c.receive_data(data):
+                        if isinstance(ev, h2.events.ResponseReceived):
+                            seen.append(("head", ev.stream_id))
+                        elif isinstance(ev, h2.events.StreamReset):
+                            seen.append(("reset", ev.stream_id))
+                    s.sendall(c.data_to_send())
+            # Each stream: the head, then the reset the app made.
+            assert seen == [(k, i) for i in (1, 3, 5) for k in ("head", "reset")]
+        assert curl(port, "/ok")[0] == 200
+
+        def in_flight() -> list[Any]:
+            eps_view = a.admin_get("/config").json()["endpoints"]["web:80"]["endpoints"]
+            return [e["in_flight"] for e in eps_view]
+
+        assert in_flight() == [0]
