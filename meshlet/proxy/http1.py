@@ -42,7 +42,7 @@ from meshlet.proto.http1 import (
 )
 from meshlet.proxy.balance import MAX_WAITERS, RESOLVE_TIMEOUT
 from meshlet.proxy.errors import error_response
-from meshlet.proxy.mtls import ALPN_H1, PeerIdentityError, mux_usable, open_upstream
+from meshlet.proxy.mtls import ALPN_H1, PeerIdentityError, open_upstream
 from meshlet.proxy.tcp import splice
 
 if TYPE_CHECKING:
@@ -693,13 +693,7 @@ class H1Downstream(asyncio.Protocol):
         for attempt in range(attempts):
             try:
                 uctx = ctx.meshed if (ep.identity and ctx.meshed) else ctx
-                factory = partial(H1Upstream, uctx, ep)
-                if mux_usable(ctx, ep):
-                    from meshlet.proxy.mux import open_stream  # meshed proxies only
-
-                    _s, up = await open_stream(ctx, ep, factory)
-                else:
-                    _t, up = await open_upstream(ctx, ep, factory, ALPN_H1)
+                _t, up = await open_upstream(ctx, ep, partial(H1Upstream, uctx, ep), ALPN_H1)
                 break
             except TimeoutError:
                 status, reason = 504, "connect_timeout"

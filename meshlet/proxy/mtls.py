@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from meshlet.proxy.transparent import InboundPorts
 
 __all__ = ["ALPN_H1", "ALPN_H2", "ALPN_MUX", "ALPN_TCP", "PeekingListener",
-           "PeerIdentityError", "mux_usable", "open_upstream"]
+           "PeerIdentityError", "open_upstream"]
 
 log = logging.getLogger("meshlet.mtls")
 
@@ -45,6 +45,7 @@ ALPN_H1 = "meshlet/h1"
 ALPN_TCP = "meshlet/tcp"
 ALPN_H2 = "meshlet/h2"
 ALPN_MUX = "meshlet/mux"  # HTTP/1.1 connections as streams of one (meshlet.proxy.mux)
+_MUXABLE = frozenset((ALPN_H1, ALPN_TCP))  # what may travel as a mux stream instead
 
 
 class _OncePerMinute:
@@ -90,7 +91,13 @@ def peer_identity(transport: asyncio.BaseTransport) -> str | None:
 async def open_upstream(
     ctx: ListenerCtx, ep: Endpoint, factory: Callable[[], asyncio.Protocol], alpn: str
 ) -> tuple[asyncio.Transport, Any]:
-    """Connect to `ep`: mesh TLS when it has an identity and we hold one, else plain."""
+    """Connect to `ep`: mesh TLS when it has an identity and we hold one, else plain.
+    HTTP/1.1 and opaque TCP to a peer proxy become a stream of the shared connection to
+    it (`meshlet.proxy.mux`) when that is possible."""
+    if alpn in _MUXABLE and _mux_usable(ctx, ep):
+        from meshlet.proxy.mux import open_stream  # meshed proxies only
+
+        return await open_stream(ctx, ep, factory, alpn)
     loop = ctx.loop
     ident = ctx.proxy.identity
     if ep.identity and ident is not None and ident.valid():
@@ -153,7 +160,7 @@ def _app_context(ctx: ListenerCtx, alpn: str) -> ssl.SSLContext:
     return c
 
 
-def mux_usable(ctx: ListenerCtx, ep: Endpoint) -> bool:
+def _mux_usable(ctx: ListenerCtx, ep: Endpoint) -> bool:
     """Whether a connection to `ep` goes as a stream of a shared connection
     (`meshlet.proxy.mux`): a meshed endpoint, a valid certificate, mux not turned off,
     and the peer not known to lack it."""

@@ -8,7 +8,8 @@ transport: many client connections share one TLS session, one read and one write
 TLS record) carry the requests or responses of many of them, a new client connection
 costs a stream (no handshake), and a half-close crosses the mesh (END_STREAM).
 
-- Outbound (`open_stream`): the endpoint's mux connection (made on first use, checked
+- Outbound (`open_stream`, called by `open_upstream` for `meshlet/h1` and `meshlet/tcp`
+  connections to meshed endpoints): the endpoint's mux connection (made on first use, checked
   like any mesh connection: TLS 1.3 and the expected peer identity) opens a stream; the
   stream is a `StreamTransport`, handed to an ordinary `H1Upstream` (which the HTTP/1
   pool keeps and reuses as if it were a TCP connection) or to the TCP relay.
@@ -59,7 +60,7 @@ from meshlet.proto.http2 import (
 )
 from meshlet.proxy.errors import error_response
 from meshlet.proxy.idle import IdleClose
-from meshlet.proxy.mtls import ALPN_H1, ALPN_MUX, ALPN_TCP, open_upstream
+from meshlet.proxy.mtls import ALPN_H1, ALPN_MUX, open_upstream
 
 if TYPE_CHECKING:
     from meshlet.api.endpoints import Endpoint
@@ -552,16 +553,17 @@ def _open_on(mc: MuxClient, factory: Callable[[], asyncio.Protocol], kind: bytes
 
 
 async def open_stream(ctx: ListenerCtx, ep: Endpoint, factory: Callable[[], asyncio.Protocol],
-                      kind: bytes = H1) -> tuple[Any, Any]:
-    """A new stream to `ep` on its shared mesh connection, as (transport, protocol);
-    `kind`: H1 or TCP. Raises what `open_upstream` raises when the connection cannot
-    be made. A peer without `meshlet/mux` gets a connection of its own (`meshlet/h1`
-    or `meshlet/tcp`), now and from then on."""
+                      alpn: str) -> tuple[Any, Any]:
+    """A new stream to `ep` on its shared mesh connection, as (transport, protocol), for
+    what `alpn` (`meshlet/h1` or `meshlet/tcp`) would have carried; `open_upstream`
+    calls it. Raises what `open_upstream` raises when the connection cannot be made. A
+    peer without `meshlet/mux` gets a connection of its own, now and from then on."""
     proxy = ctx.proxy
     key = ep.key
+    kind = H1 if alpn == ALPN_H1 else TCP
     for _ in range(64):  # each turn finds room, or waits for (or makes) a connection
         if key in proxy.no_mux:
-            return await open_upstream(ctx, ep, factory, ALPN_H1 if kind == H1 else ALPN_TCP)
+            return await open_upstream(ctx, ep, factory, alpn)
         for mc in proxy.muxpool.get(key, ()):
             if mc.has_room():
                 return _open_on(mc, factory, kind)

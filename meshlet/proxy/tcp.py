@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from meshlet.api.endpoints import Endpoint
 from meshlet.proxy.balance import RESOLVE_TIMEOUT
-from meshlet.proxy.mtls import ALPN_TCP, mux_usable, open_upstream
+from meshlet.proxy.mtls import ALPN_TCP, open_upstream
 
 if TYPE_CHECKING:
     from meshlet.metrics.registry import TcpStats
@@ -215,12 +215,7 @@ async def _connect(ctx: ListenerCtx, client: _Client, ep: Endpoint | None) -> No
     attempts = min(3, max(1, len(target.endpoints())))
     for attempt in range(attempts):
         try:
-            if mux_usable(ctx, ep):
-                from meshlet.proxy.mux import TCP, open_stream  # meshed proxies only
-
-                _s, up = await open_stream(ctx, ep, lambda: _Upstream(ctx), TCP)
-            else:
-                _t, up = await open_upstream(ctx, ep, lambda: _Upstream(ctx), ALPN_TCP)
+            _t, up = await open_upstream(ctx, ep, lambda: _Upstream(ctx), ALPN_TCP)
         except (OSError, TimeoutError) as e:
             if ctx.fixed is None:
                 target.connect_failed(ep)
