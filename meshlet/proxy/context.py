@@ -27,6 +27,7 @@ __all__ = ["ListenerCtx"]
 class ListenerCtx:
     __slots__ = (
         "_clients",
+        "app_tls",
         "authority",
         "by_host",
         "cfg",
@@ -64,6 +65,8 @@ class ListenerCtx:
         self.target = target
         # The one endpoint of a fixed target (inbound), so requests skip the pick.
         self.fixed: Endpoint | None = target.pick() if isinstance(target, Fixed) else None
+        # Inbound to an app that serves TLS itself (MESHLET_APP_TLS): spoken to over TLS.
+        self.app_tls = proxy.cfg.app_tls and direction == "inbound" and self.fixed is not None
         self.authority = authority  # fixed label (outbound: the service), else per Host
         self.strip_mesh = strip_mesh
         # Plaintext until the identity issue lands; the label says why it is not TLS.

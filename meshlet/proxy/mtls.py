@@ -112,8 +112,7 @@ async def open_upstream(
         if got != ep.identity:
             t.abort()
             raise PeerIdentityError(f"peer is {got or 'unidentified'}, expected {ep.identity}")
-    elif ctx.cfg.app_tls and ep is ctx.fixed and ctx.direction == "inbound" \
-            and alpn != ALPN_TCP:
+    elif ctx.app_tls and alpn != ALPN_TCP:
         # The app serves TLS itself (MESHLET_APP_TLS): speak it, with the protocol
         # the client used as ALPN.
         want = "h2" if alpn == ALPN_H2 else "http/1.1"
