@@ -74,6 +74,7 @@ _HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-
 _GRPC_UNAVAILABLE = b"14"
 _GRPC_DEADLINE = b"4"
 _GRPC_DENIED = b"7"
+_SETTINGS = H2Settings()  # frozen: one for every connection
 
 
 class _Stream:
@@ -201,7 +202,7 @@ class _Leg(asyncio.Protocol):
 
     def __init__(self, ctx: ListenerCtx, client_side: bool) -> None:
         self.ctx = ctx
-        self.conn = H2Connection(client_side, H2Settings())
+        self.conn = H2Connection(client_side, _SETTINGS)
         self.transport: asyncio.Transport | None = None
         self.paused = False
         self.queued = False

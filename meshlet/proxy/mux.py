@@ -83,11 +83,10 @@ H1 = b"/h1"  # what a stream carries (its `:path`): HTTP/1.1 ...
 TCP = b"/tcp"  # ... or opaque TCP bytes
 
 
-def _settings() -> H2Settings:
-    # Streams are connections that the HTTP/1 side opens and closes: a client closing
-    # many quickly is not a rapid-reset attack, but it stays bounded.
-    return H2Settings(initial_window_size=STREAM_WINDOW, connection_window_size=CONN_WINDOW,
-                      max_concurrent_streams=MAX_STREAMS, max_resets=100000)
+# Streams are connections that the HTTP/1 side opens and closes: a client closing many
+# quickly is not a rapid-reset attack, but it stays bounded.
+_SETTINGS = H2Settings(initial_window_size=STREAM_WINDOW, connection_window_size=CONN_WINDOW,
+                       max_concurrent_streams=MAX_STREAMS, max_resets=100000)
 
 
 class StreamTransport(asyncio.Transport):
@@ -352,7 +351,7 @@ class _MuxLeg(asyncio.Protocol):
 
     def __init__(self, ctx: ListenerCtx, client_side: bool) -> None:
         self.ctx = ctx
-        self.conn = H2Connection(client_side, _settings())
+        self.conn = H2Connection(client_side, _SETTINGS)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, StreamTransport] = {}
         self.paused = False
@@ -398,15 +397,8 @@ class _MuxLeg(asyncio.Protocol):
         pass
 
     def data_received(self, data: bytes) -> None:
-        try:
-            events = self.conn.receive(data)
-        except H2Error as e:  # the codec turns protocol errors into events; be safe
-            log.warning("mux connection error: %s", e)
-            if self.transport is not None:
-                self.transport.abort()
-            return
         streams = self.streams
-        for ev in events:
+        for ev in self.conn.receive(data):  # protocol errors come as events, never raised
             if isinstance(ev, DataReceived):
                 st = streams.get(ev.stream_id)
                 if st is None:
