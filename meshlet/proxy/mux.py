@@ -111,7 +111,7 @@ class StreamTransport(asyncio.Transport):
         self._out_size = 0
         self._write_paused = False
         self._paused_in = False
-        self._pending_in: list[bytes] = []
+        self._pending_in: deque[bytes] = deque()  # arrived while reading was paused
 
     # --- asyncio.Transport ------------------------------------------------------------
 
@@ -147,7 +147,7 @@ class StreamTransport(asyncio.Transport):
         """Deliver what arrived while reading was paused, in order, until paused again."""
         pending = self._pending_in
         while pending and not self._paused_in and not self._lost:
-            self._deliver(pending.pop(0))
+            self._deliver(pending.popleft())
         if not pending and self._eof_in and not self._paused_in and not self._lost \
                 and not self._eof_done:
             self._deliver_eof()
@@ -156,7 +156,7 @@ class StreamTransport(asyncio.Transport):
         """Input that will never be delivered still gives its window back: the shared
         connection's window must not shrink with every stream that ends early."""
         n = sum(len(d) for d in self._pending_in)
-        self._pending_in = []
+        self._pending_in.clear()
         if n:
             self.leg.conn.acknowledge_received_data(self.sid, n)
             self.leg.flush()
