@@ -7,13 +7,22 @@ Rules:
    transports' high-water marks.
 3. EOF from one side becomes `write_eof()` (a FIN) on the other; the connection closes
    when both directions have ended, or at once on an error (reset).
+4. Socket reads go straight into a 1 MiB process-wide buffer (`BufferedProtocol`) that is
+   handed to the peer's transport as is: no `bytes` copy, and a quarter of the reads
+   (and ACKs back to the sender) of uvloop's own 256 KB buffer. If the transport keeps a
+   view of the unsent tail, this side holds that buffer (`lent`) and later reads use
+   another; it is reused once the transport has drained. While the peer has output
+   queued, reads are queued behind it as copies, so a side holds at most one buffer.
+   Transports that hand over `bytes` (mux streams) call `data_received` instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+import mmap
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 from meshlet.api.endpoints import Endpoint
 from meshlet.proxy.balance import RESOLVE_TIMEOUT
@@ -28,25 +37,67 @@ __all__ = ["splice", "start_relay"]
 
 log = logging.getLogger("meshlet.tcp")
 
-# Bytes queued for one side before the other stops being read: at most 2 MiB per relayed
-# connection (both ways), like Envoy's default per-connection buffer limit of 1 MiB; with
-# `max_connections` that bounds the whole process. (Mux streams keep their own 256 KiB.)
+# Bytes queued for one side before the other stops being read, like Envoy's default
+# per-connection buffer limit of 1 MiB. With the one read buffer a side may lend (rule 4),
+# a relayed connection holds at most 2 x (HIGH_WATER + 2 x READ_SIZE) = 6 MiB, and
+# `max_connections` bounds the whole process. (Mux streams keep their own 256 KiB.)
 HIGH_WATER = 1 << 20
 
+# Rule 4. Anonymous mappings: pages count in RSS only once a read has touched them.
+READ_SIZE = 1 << 20
+SPARE_BUFFERS = 2  # drained buffers kept for reuse, process-wide
+_current: memoryview | None = None  # the next read's buffer
+_spare: list[memoryview] = []
 
-class _Side(asyncio.Protocol):
-    __slots__ = ("eof", "peer", "pending", "reads", "transport", "writes")
+
+def _read_buffer() -> memoryview:
+    global _current
+    if _current is None:
+        _current = _spare.pop() if _spare else memoryview(mmap.mmap(-1, READ_SIZE))
+    return _current
+
+
+class _Side(asyncio.BufferedProtocol):
+    __slots__ = ("eof", "lent", "peer", "pending", "reads", "transport", "writes")
 
     def __init__(self, reads: TcpStats, writes: TcpStats) -> None:
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.peer: _Side | None = None
         self.eof = False
+        self.lent: memoryview | None = None  # a read buffer the peer's transport may hold
         self.pending: list[bytes] = []  # read before the peer exists; flushed by `_pair`
         self.reads = reads  # stats counting bytes read on this side
         self.writes = writes  # stats counting bytes written out on the peer's side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _current if _current is not None else _read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        global _current
+        view = _read_buffer()
+        self.reads.read_bytes += nbytes
+        peer = self.peer
+        if peer is None:
+            self.pending.append(bytes(view[:nbytes]))
+            self.transport.pause_reading()  # bounded: nothing more until paired
+            return
+        out = peer.transport
+        self.writes.write_bytes += nbytes
+        if out.get_write_buffer_size():
+            out.write(bytes(view[:nbytes]))  # behind queued output: a copy (rule 4)
+            return
+        lent = self.lent
+        if lent is not None:  # the transport has drained: nothing reads that buffer now
+            self.lent = None
+            if len(_spare) < SPARE_BUFFERS:
+                _spare.append(lent)
+        out.write(view[:nbytes])
+        if out.get_write_buffer_size():  # it kept a view of the unsent tail
+            self.lent = view
+            _current = None
 
     def data_received(self, data: bytes) -> None:
         self.reads.read_bytes += len(data)
@@ -72,6 +123,7 @@ class _Side(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lent = None  # may still be queued in the closed transport: not reused
         peer = self.peer
         self.peer = None
         if peer is not None:
@@ -202,6 +254,12 @@ def _no_endpoints(ctx: ListenerCtx, transport: asyncio.Transport) -> None:
     transport.close()
 
 
+def _upstream_factory(ctx: ListenerCtx) -> Callable[[], asyncio.Protocol]:
+    # A _Side is a BufferedProtocol for sockets and TLS, and has the `data_received` that
+    # mux streams call, so it serves wherever an asyncio.Protocol is expected.
+    return cast("Callable[[], asyncio.Protocol]", lambda: _Upstream(ctx))
+
+
 async def _connect(ctx: ListenerCtx, client: _Client, ep: Endpoint | None) -> None:
     if ep is None:  # none yet: wait for one (fail-fast timeout)
         await ctx.target.wait_ready(RESOLVE_TIMEOUT)
@@ -215,7 +273,7 @@ async def _connect(ctx: ListenerCtx, client: _Client, ep: Endpoint | None) -> No
     attempts = min(3, max(1, len(target.endpoints())))
     for attempt in range(attempts):
         try:
-            _t, up = await open_upstream(ctx, ep, lambda: _Upstream(ctx), ALPN_TCP)
+            _t, up = await open_upstream(ctx, ep, _upstream_factory(ctx), ALPN_TCP)
         except (OSError, TimeoutError) as e:
             if ctx.fixed is None:
                 target.connect_failed(ep)

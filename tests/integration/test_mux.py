@@ -325,3 +325,53 @@ def test_abandoned_downloads_give_their_window_back(
         with connect(port, timeout=30) as s:
             status, body = _get(s, "/bytes/3000000")
             assert status == 200 and len(body) == 3000000
+
+
+def test_opaque_tcp_over_per_connection_tls_keeps_every_byte(control: Control,
+                                                             tmp_path: Path) -> None:
+    """MESHLET_MUX=false: each client connection is its own TLS connection, whose
+    decrypted reads land in the relay's shared read buffer on B. Echoed both ways with a
+    slow reader, five at once, checked by sha256. (TLS has no half-close, so the client
+    reads its echo back by length.)"""
+    from helpers import TcpServer
+
+    with TcpServer(mode="banner", banner=b"") as db, \
+            ProxyProcess(app=db.port, ready_timeout=15,
+                         env=proxy_env(control, tmp_path / "b", "web",
+                                       MESHLET_OPAQUE_PORTS=str(db.port))) as b:
+        assert b.inbound_port is not None
+        eps = _endpoints(b.inbound_port).replace("name: web\n    port: 80",
+                                                 "name: db\n    port: 5432")
+        with ProxyProcess(outbound={"db:5432": "/opaque"}, endpoints=eps, ready_timeout=15,
+                          env=proxy_env(control, tmp_path / "a", "client",
+                                        MESHLET_MUX="false")) as a:
+            port = a.outbound["db:5432"]
+            errors: list[str] = []
+
+            def one(i: int) -> None:
+                blob = os.urandom(6 * 1024 * 1024 + i)
+                with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                    t = threading.Thread(target=s.sendall, args=(blob,), daemon=True)
+                    t.start()
+                    h, n = hashlib.sha256(), 0
+                    while n < len(blob):
+                        d = s.recv(min(32 << 10, len(blob) - n))
+                        if not d:
+                            break
+                        h.update(d)
+                        n += len(d)
+                        if n % (1 << 20) < len(d):
+                            time.sleep(0.005)
+                    t.join(30)
+                if n != len(blob) or h.digest() != hashlib.sha256(blob).digest():
+                    errors.append(f"conn {i}: {n} of {len(blob)} bytes, sha256 differs")
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(5)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(90)
+            assert not errors, errors
+            m = b.metrics()
+            assert metric(m, "tcp_open_total", direction="inbound", peer="src",
+                          tls="true", client_id=CLIENT) == 5
