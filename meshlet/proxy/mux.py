@@ -92,6 +92,8 @@ _SETTINGS = H2Settings(initial_window_size=STREAM_WINDOW, connection_window_size
 class StreamTransport(asyncio.Transport):
     """One stream of a shared connection, seen by its protocol as a connection."""
 
+    copies_writes = True  # `write` keeps no reference to what it is given (tcp.py rule 4)
+
     __slots__ = ("_eof_done", "_eof_in", "_eof_out", "_lost", "_out", "_out_size",
                  "_paused_in", "_pending_in", "_proto", "_rst_after_eof", "_write_paused",
                  "closing", "leg", "sid")

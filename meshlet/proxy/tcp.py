@@ -7,12 +7,13 @@ Rules:
    transports' high-water marks.
 3. EOF from one side becomes `write_eof()` (a FIN) on the other; the connection closes
    when both directions have ended, or at once on an error (reset).
-4. Socket reads go straight into a 1 MiB process-wide buffer (`BufferedProtocol`) that is
-   handed to the peer's transport as is: no `bytes` copy, and a quarter of the reads
-   (and ACKs back to the sender) of uvloop's own 256 KB buffer. If the transport keeps a
-   view of the unsent tail, this side holds that buffer (`lent`) and later reads use
-   another; it is reused once the transport has drained. While the peer has output
-   queued, reads are queued behind it as copies, so a side holds at most one buffer.
+4. Socket reads go straight into one 1 MiB process-wide buffer (`BufferedProtocol`): no
+   copy into a `bytes` object, and a quarter of the reads (and of the ACKs back to the
+   sender) of uvloop's own 256 KB buffer. The buffer is free again as soon as
+   `buffer_updated` returns, so nothing may keep a view of it: to a plain TCP peer the
+   relay writes it to the socket itself and hands the transport a copy of only what the
+   socket did not take (or all of it, behind output already queued); transports that
+   copy what they are given (mux streams) get the view; any other (TLS) gets a copy.
    Transports that hand over `bytes` (mux streams) call `data_received` instead.
 """
 
@@ -21,8 +22,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import mmap
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
+
+from uvloop.loop import TCPTransport  # type: ignore[attr-defined]
 
 from meshlet.api.endpoints import Endpoint
 from meshlet.proxy.balance import RESOLVE_TIMEOUT
@@ -37,34 +41,44 @@ __all__ = ["splice", "start_relay"]
 
 log = logging.getLogger("meshlet.tcp")
 
-# Bytes queued for one side before the other stops being read, like Envoy's default
-# per-connection buffer limit of 1 MiB. With the one read buffer a side may lend (rule 4),
-# a relayed connection holds at most 2 x (HIGH_WATER + 2 x READ_SIZE) = 6 MiB, and
-# `max_connections` bounds the whole process. (Mux streams keep their own 256 KiB.)
+# Bytes queued for one side before the other stops being read: at most 2 x (1 MiB + one
+# 1 MiB read) per relayed connection, like Envoy's default per-connection buffer limit
+# of 1 MiB; with `max_connections` that bounds the whole process. (Mux streams keep their
+# own 256 KiB window.)
 HIGH_WATER = 1 << 20
 
-# Rule 4. Anonymous mappings: pages count in RSS only once a read has touched them.
+# Rule 4. A private anonymous mapping, made at the first relayed read: its pages count in
+# RSS only once a read has touched them.
 READ_SIZE = 1 << 20
-SPARE_BUFFERS = 2  # drained buffers kept for reuse, process-wide
-_current: memoryview | None = None  # the next read's buffer
-_spare: list[memoryview] = []
+_read_view: memoryview | None = None
+
+# How a side writes to its peer's transport (rule 4): `_pair` sets `out_fd` to the socket
+# for a plain TCP transport, or to one of these.
+_COPY = -1  # the transport may keep what it is given (TLS, unknown): give it a copy
+_VIEW = -2  # the transport copies (mux streams: `copies_writes`): give it the view
 
 
 def _read_buffer() -> memoryview:
-    global _current
-    if _current is None:
-        _current = _spare.pop() if _spare else memoryview(mmap.mmap(-1, READ_SIZE))
-    return _current
+    global _read_view
+    if _read_view is None:
+        _read_view = memoryview(mmap.mmap(-1, READ_SIZE, flags=mmap.MAP_PRIVATE))
+    return _read_view
+
+
+def _out_fd(transport: asyncio.Transport) -> int:
+    if type(transport) is TCPTransport:
+        return int(transport.get_extra_info("socket").fileno())
+    return _VIEW if getattr(transport, "copies_writes", False) else _COPY
 
 
 class _Side(asyncio.BufferedProtocol):
-    __slots__ = ("eof", "lent", "peer", "pending", "reads", "transport", "writes")
+    __slots__ = ("eof", "out_fd", "peer", "pending", "reads", "transport", "writes")
 
     def __init__(self, reads: TcpStats, writes: TcpStats) -> None:
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.peer: _Side | None = None
+        self.out_fd = _COPY  # how to write to the peer (rule 4), set by `_pair`
         self.eof = False
-        self.lent: memoryview | None = None  # a read buffer the peer's transport may hold
         self.pending: list[bytes] = []  # read before the peer exists; flushed by `_pair`
         self.reads = reads  # stats counting bytes read on this side
         self.writes = writes  # stats counting bytes written out on the peer's side
@@ -73,31 +87,32 @@ class _Side(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _current if _current is not None else _read_buffer()
+        return _read_view if _read_view is not None else _read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        global _current
-        view = _read_buffer()
+        data = _read_buffer()[:nbytes]
         self.reads.read_bytes += nbytes
         peer = self.peer
         if peer is None:
-            self.pending.append(bytes(view[:nbytes]))
+            self.pending.append(bytes(data))
             self.transport.pause_reading()  # bounded: nothing more until paired
             return
-        out = peer.transport
         self.writes.write_bytes += nbytes
-        if out.get_write_buffer_size():
-            out.write(bytes(view[:nbytes]))  # behind queued output: a copy (rule 4)
+        out = peer.transport
+        fd = self.out_fd
+        if fd >= 0:
+            if not out.get_write_buffer_size() and not out.is_closing():
+                try:
+                    sent = os.write(fd, data)
+                except OSError:  # EAGAIN; or an error the transport meets on its write
+                    sent = 0
+                if sent == nbytes:
+                    return
+                data = data[sent:]
+        elif fd == _VIEW:
+            out.write(data)
             return
-        lent = self.lent
-        if lent is not None:  # the transport has drained: nothing reads that buffer now
-            self.lent = None
-            if len(_spare) < SPARE_BUFFERS:
-                _spare.append(lent)
-        out.write(view[:nbytes])
-        if out.get_write_buffer_size():  # it kept a view of the unsent tail
-            self.lent = view
-            _current = None
+        out.write(bytes(data))
 
     def data_received(self, data: bytes) -> None:
         self.reads.read_bytes += len(data)
@@ -123,7 +138,6 @@ class _Side(asyncio.BufferedProtocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lent = None  # may still be queued in the closed transport: not reused
         peer = self.peer
         self.peer = None
         if peer is not None:
@@ -149,6 +163,8 @@ def _pair(a: _Side, b: _Side) -> None:
     """Join two sides: flush what each read before, forward early FINs, read on."""
     a.peer = b
     b.peer = a
+    a.out_fd = _out_fd(b.transport)
+    b.out_fd = _out_fd(a.transport)
     for side in (a, b):
         # Reading pauses only past HIGH_WATER queued for the peer: fewer pause/resume
         # cycles on bulk transfers (bench tcp-bulk: 0.87-0.98x Envoy's throughput with

@@ -232,3 +232,45 @@ def test_relay_bytes_intact_under_backpressure(banner: TcpServer, start_proxy: A
     assert not errors, errors
     m = p.metrics()
     assert metric(m, "tcp_read_bytes_total", direction="inbound", peer="src") >= 3 * size
+
+
+def test_relay_memory_returns_after_backpressure(stack: contextlib.ExitStack,
+                                                 start_proxy: Any) -> None:
+    """40 connections each push 4 MiB at an app that reads nothing for a while, then
+    everything; afterwards they sit idle, open. The relay's read buffer must not stay held
+    per connection: the proxy's RSS ends within a few MiB of where it started (a 1 MiB
+    buffer kept per backed-up connection would add ~40 MiB)."""
+    n_conns, size = 40, 4 << 20
+    lsock = stack.enter_context(socket.create_server(("127.0.0.1", 0), backlog=n_conns))
+    app_port = lsock.getsockname()[1]
+    counts: dict[int, int] = {}
+    held: list[socket.socket] = []
+    stack.callback(lambda: [c.close() for c in held])
+
+    def drain(c: socket.socket, i: int) -> None:
+        time.sleep(0.5)  # reads nothing yet: the proxy's writes back up
+        n = 0
+        with contextlib.suppress(OSError):
+            while n < size and (d := c.recv(1 << 16)):
+                n += len(d)
+        counts[i] = n
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            for i in range(n_conns):
+                c, _ = lsock.accept()
+                held.append(c)
+                threading.Thread(target=drain, args=(c, i), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    p = start_proxy(app=app_port, env={"MESHLET_OPAQUE_PORTS": str(app_port)})
+    before = p.rss_kb()
+    blob = os.urandom(size)
+    clients = [stack.enter_context(connect(p.inbound_port, 30)) for _ in range(n_conns)]
+    for s in clients:
+        threading.Thread(target=s.sendall, args=(blob,), daemon=True).start()
+    eventually(lambda: len(counts) == n_conns and sum(counts.values()) == n_conns * size,
+               timeout=60)
+    time.sleep(0.5)
+    grown = p.rss_kb() - before
+    assert grown < 12 * 1024, f"RSS grew {grown // 1024} MiB and stays with idle connections"
