@@ -43,8 +43,9 @@ log = logging.getLogger("meshlet.tcp")
 
 # Bytes queued for one side before the other stops being read: at most 2 x (1 MiB + one
 # 1 MiB read) per relayed connection, like Envoy's default per-connection buffer limit
-# of 1 MiB; with `max_connections` that bounds the whole process. (Mux streams keep their
-# own 256 KiB window.)
+# of 1 MiB; with `max_connections` that bounds the whole process. A mux stream pauses at
+# its own 256 KiB (plus one read); a TLS transport also holds what it has encrypted and
+# not yet sent, under uvloop's flow control.
 HIGH_WATER = 1 << 20
 
 # Rule 4. A private anonymous mapping, made at the first relayed read: its pages count in
