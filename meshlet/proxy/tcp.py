@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import mmap
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
@@ -62,6 +61,8 @@ _VIEW = -2  # the transport copies (mux streams: `copies_writes`): give it the v
 def _read_buffer() -> memoryview:
     global _read_view
     if _read_view is None:
+        import mmap  # a shared library: loaded only by proxies that relay
+
         _read_view = memoryview(mmap.mmap(-1, READ_SIZE, flags=mmap.MAP_PRIVATE))
     return _read_view
 
