@@ -25,7 +25,10 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from uvloop.loop import TCPTransport  # type: ignore[attr-defined]
+try:
+    from uvloop.loop import TCPTransport  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - uvloop is a dependency; without it, copies
+    TCPTransport = None
 
 from meshlet.api.endpoints import Endpoint
 from meshlet.proxy.balance import RESOLVE_TIMEOUT
@@ -68,8 +71,9 @@ def _read_buffer() -> memoryview:
 
 
 def _out_fd(transport: asyncio.Transport) -> int:
-    if type(transport) is TCPTransport:
-        return int(transport.get_extra_info("socket").fileno())
+    if TCPTransport is not None and type(transport) is TCPTransport:
+        sock = transport.get_extra_info("socket")
+        return int(sock.fileno()) if sock is not None else _COPY  # closed: -1 or None
     return _VIEW if getattr(transport, "copies_writes", False) else _COPY
 
 
@@ -102,8 +106,10 @@ class _Side(asyncio.BufferedProtocol):
         self.writes.write_bytes += nbytes
         out = peer.transport
         fd = self.out_fd
-        if fd >= 0:
-            if not out.get_write_buffer_size() and not out.is_closing():
+        if fd == _VIEW:
+            out.write(data)
+        else:
+            if fd >= 0 and not out.get_write_buffer_size() and not out.is_closing():
                 try:
                     sent = os.write(fd, data)
                 except OSError:  # EAGAIN; or an error the transport meets on its write
@@ -111,10 +117,16 @@ class _Side(asyncio.BufferedProtocol):
                 if sent == nbytes:
                     return
                 data = data[sent:]
-        elif fd == _VIEW:
-            out.write(data)
-            return
-        out.write(bytes(data))
+            out.write(bytes(data))
+        self._bound(out)
+
+    def _bound(self, out: asyncio.WriteTransport) -> None:
+        # Rule 2 without relying on pause_writing alone: a transport calls it only when it
+        # crosses its mark, and one that was already paused when the relay took it over
+        # (an HTTP Upgrade after a large response) never calls it again. It does call
+        # resume_writing once drained, which resumes this side.
+        if out.get_write_buffer_size() > HIGH_WATER:
+            self.transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         self.reads.read_bytes += len(data)
@@ -122,6 +134,7 @@ class _Side(asyncio.BufferedProtocol):
         if peer is not None:
             peer.transport.write(data)
             self.writes.write_bytes += len(data)
+            self._bound(peer.transport)
         else:
             self.pending.append(data)
             self.transport.pause_reading()  # bounded: nothing more until paired
@@ -154,8 +167,9 @@ class _Side(asyncio.BufferedProtocol):
             self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.peer is not None:
-            self.peer.transport.resume_reading()
+        peer = self.peer
+        if peer is not None and not peer.eof:
+            peer.transport.resume_reading()
 
     def shutdown(self) -> None:
         """Graceful shutdown: byte streams are left to finish within the grace period."""
@@ -185,8 +199,9 @@ def _pair(a: _Side, b: _Side) -> None:
                 return
             if dst.transport.can_write_eof():
                 dst.transport.write_eof()
-    a.transport.resume_reading()
-    b.transport.resume_reading()
+    for side in (a, b):
+        if not side.eof:
+            side.transport.resume_reading()
 
 
 class _Client(_Side):

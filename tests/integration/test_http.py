@@ -364,3 +364,74 @@ def test_max_connections(backend: HttpBackend, start_proxy: Any,
     eventually(lambda: metric(p.metrics(), "tcp_refused_total", direction="inbound") == 1)
     held[0].close()  # room again
     eventually(lambda: http_request(p.inbound_port, path="/again").status == 200)
+
+
+def test_upgrade_onto_a_paused_client_keeps_the_relay_bounded(stack: contextlib.ExitStack,
+                                                              start_proxy: Any) -> None:
+    """Clients that read nothing ask for a response with an Upgrade pipelined behind it.
+    Where the response's last read left the client's transport past its write mark, the
+    101 turns a transport that is already paused into a byte pipe, and uvloop does not
+    call pause_writing again for it. The pipe must still stop reading the app once 1 MiB
+    is queued. Which response size hits that depends on the kernel's buffers, so 129
+    connections try sizes from 1.5 to 5.5 MiB (before the fix one of them let the app push
+    0.3-1.1 GiB into the proxy within 1.5 s in 10 runs of 10 here; now each app stalls at
+    its socket buffers)."""
+    import threading
+
+    stop = threading.Event()
+    stack.callback(stop.set)
+    after_101: dict[str, int] = {}
+    lsock = stack.enter_context(socket.create_server(("127.0.0.1", 0), backlog=128))
+
+    def serve(c: socket.socket) -> None:
+        buf = b""
+        with c, contextlib.suppress(OSError):
+            while not stop.is_set():
+                while b"\r\n\r\n" not in buf:
+                    d = c.recv(65536)
+                    if not d:
+                        return
+                    buf += d
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                path = head.split(b"\r\n")[0].split()[1].decode()
+                if b"upgrade: websocket" not in head.lower():
+                    n = int(path.rsplit("/", 1)[1])
+                    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % n)
+                    time.sleep(0.3)  # the body in one burst, after the head
+                    c.sendall(b"y" * n)
+                    continue
+                c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                          b"Upgrade: websocket\r\n\r\n")
+                c.settimeout(0.2)
+                chunk = b"x" * 65536
+                after_101[path] = 0
+                while not stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        after_101[path] += c.send(chunk)
+                return
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                c, _ = lsock.accept()
+                threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    p = start_proxy(app=lsock.getsockname()[1])
+    before = p.rss_kb()
+    for kib in range(1536, 5633, 32):
+        s = socket.socket()
+        stack.callback(s.close)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", p.inbound_port))
+        n = kib << 10
+        s.sendall(b"GET /big/%d HTTP/1.1\r\nHost: a\r\n\r\n"
+                  b"GET /ws/%d HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+                  b"Upgrade: websocket\r\n\r\n" % (n, n))
+    eventually(lambda: len(after_101) > 0, timeout=10)  # the small ones are piped
+    time.sleep(1.5)  # the apps keep sending; the clients read nothing
+    worst = max(after_101.items(), key=lambda kv: kv[1])
+    grown = p.rss_kb() - before
+    assert worst[1] < 64 << 20, f"{worst[0]}: the app pushed {worst[1] >> 20} MiB into a " \
+                                f"client reading nothing (proxy RSS +{grown >> 10} MiB)"
+    assert grown < 200 * 1024, f"proxy RSS grew {grown >> 10} MiB"
