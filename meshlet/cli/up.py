@@ -349,6 +349,14 @@ class Up:
                 "MESHLET_LOG_LEVEL": self.proxy_log_level,
                 "MESHLET_SHUTDOWN_GRACE": "5s"}
 
+    def replica_env(self, r: Replica) -> dict[str, str]:
+        """A replica's sidecar: `proxy_env`, plus TLS to its app when the service says
+        `app_tls`."""
+        env = self.proxy_env(r.identity, f"{r.name}.token", r.admin_port)
+        if r.service.app_tls:
+            env["MESHLET_APP_TLS"] = "true"
+        return env
+
     def make_children(self) -> None:
         me = [sys.executable, "-m", "meshlet"]
         self.control = self.child("control", [*me, "control"], {
@@ -365,7 +373,7 @@ class Up:
                 self.make_pod_children(r, me)
                 continue
             color = next(self._colors)
-            env = self.proxy_env(r.identity, f"{r.name}.token", r.admin_port)
+            env = self.replica_env(r)
             env["MESHLET_OUTBOUND_PROXY_LISTEN_ADDR"] = f"127.0.0.1:{r.http_proxy_port}"
             tcp_env: dict[str, str] = {}
             binds = []
@@ -385,8 +393,6 @@ class Up:
             if r.inbound_port is not None:
                 env["MESHLET_INBOUND_LISTEN_ADDR"] = f"127.0.0.1:{r.inbound_port}"
                 env["MESHLET_APP_ADDR"] = f"127.0.0.1:{r.app_port}"
-                if r.service.app_tls:
-                    env["MESHLET_APP_TLS"] = "true"
                 opaque = [p for p in r.service.ports if p.protocol == "opaque"]
                 if opaque and len(r.service.ports) == 1:
                     env["MESHLET_OPAQUE_PORTS"] = str(r.app_port)
@@ -422,7 +428,7 @@ class Up:
 
         color = next(self._colors)
         ns = ["ip", "netns", "exec", NS_PREFIX + (r.pod or "")]
-        env = self.proxy_env(r.identity, f"{r.name}.token", r.admin_port)
+        env = self.replica_env(r)
         env.update({"MESHLET_TRANSPARENT": "true",
                     "MESHLET_INBOUND_LISTEN_ADDR": f"0.0.0.0:{INBOUND_PORT}",
                     "MESHLET_OUTBOUND_LISTEN_ADDR": f"127.0.0.1:{OUTBOUND_PORT}",
@@ -431,8 +437,6 @@ class Up:
                          if p.protocol == "opaque"})
         if opaque:
             env["MESHLET_OPAQUE_PORTS"] = ",".join(map(str, opaque))
-        if r.service.app_tls:
-            env["MESHLET_APP_TLS"] = "true"
         r.proxy = self.child(f"{r.name}/proxy", [*ns, *me, "proxy"], env, "proxy", color)
         r.proxy.gid = PROXY_GID
         run = r.service.run
