@@ -93,7 +93,7 @@ class _Side(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _read_view if _read_view is not None else _read_buffer()
+        return _read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
         data = _read_buffer()[:nbytes]
@@ -182,9 +182,8 @@ def _pair(a: _Side, b: _Side) -> None:
     a.out_fd = _out_fd(b.transport)
     b.out_fd = _out_fd(a.transport)
     for side in (a, b):
-        # Reading pauses only past HIGH_WATER queued for the peer: fewer pause/resume
-        # cycles on bulk transfers (bench tcp-bulk: 0.87-0.98x Envoy's throughput with
-        # the 64 KiB default, 0.98-1.06x with this), bounded per direction.
+        # Reading pauses only past HIGH_WATER queued for the peer (rule 2): fewer
+        # pause/resume cycles on bulk transfers than uvloop's 64 KiB default.
         side.transport.set_write_buffer_limits(high=HIGH_WATER)
     for src, dst in ((a, b), (b, a)):
         for chunk in src.pending:
