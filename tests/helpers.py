@@ -88,6 +88,18 @@ def eventually(fn: Callable[[], Any], timeout: float = 5.0, interval: float = 0.
         time.sleep(interval)
 
 
+def run_parallel(fn: Callable[[int], Any], n: int, timeout: float) -> None:
+    """Run fn(0) .. fn(n - 1) in n threads at once; all must finish within `timeout`."""
+    threads = [threading.Thread(target=fn, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = sum(t.is_alive() for t in threads)
+    assert not stuck, f"{stuck} of {n} threads still running after {timeout}s"
+
+
 def pattern_sha256(n: int) -> str:
     """sha256 of the first `n` bytes of the repeated BLOCK pattern."""
     h = hashlib.sha256()

@@ -27,6 +27,7 @@ from helpers import (
     metric,
     pattern_sha256,
     proxy_env,
+    run_parallel,
 )
 
 WEB = f"spiffe://{TD}/ns/default/sa/web"
@@ -53,12 +54,22 @@ def _established_to(port: int) -> int:
 
 @contextlib.contextmanager
 def _pair(control: Control, tmp: Path, app: int, b_env: dict[str, str] | None = None,
-          a_env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+          a_env: dict[str, str] | None = None,
+          opaque: bool = False):  # type: ignore[no-untyped-def]
+    """B (account web) in front of `app`, A (client) with an outbound listener to it:
+    `web:80` for HTTP, or with `opaque`, `db:5432` (an opaque port on B)."""
+    b_env = dict(b_env or {})
+    if opaque:
+        b_env["MESHLET_OPAQUE_PORTS"] = str(app)
     with ProxyProcess(app=app, ready_timeout=15,
-                      env=proxy_env(control, tmp / "b", "web", **(b_env or {}))) as b:
+                      env=proxy_env(control, tmp / "b", "web", **b_env)) as b:
         assert b.inbound_port is not None
-        with ProxyProcess(outbound={"web:80": ""}, endpoints=_endpoints(b.inbound_port),
-                          ready_timeout=15,
+        eps = _endpoints(b.inbound_port)
+        outbound = {"web:80": ""}
+        if opaque:
+            eps = eps.replace("name: web\n    port: 80", "name: db\n    port: 5432")
+            outbound = {"db:5432": "/opaque"}
+        with ProxyProcess(outbound=outbound, endpoints=eps, ready_timeout=15,
                           env=proxy_env(control, tmp / "a", "client", **(a_env or {}))) as a:
             yield a, b
 
@@ -100,11 +111,7 @@ def test_many_client_connections_share_one_mesh_connection(
 
         barrier = threading.Barrier(n_clients)
         counts: list[int] = []
-        threads = [threading.Thread(target=client) for _ in range(n_clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        run_parallel(lambda _i: client(), n_clients, 60)
         assert results == [200] * (n_clients * (per + 1))
         assert ids == {CLIENT}  # each stream carries the verified identity
         # 20 requests in flight at once reached B over one TLS connection.
@@ -231,45 +238,37 @@ def test_opaque_tcp_streams_with_half_close_across_the_mesh(control: Control,
                                                             tmp_path: Path) -> None:
     from helpers import TcpServer
 
-    with TcpServer(mode="hash") as db, \
-            ProxyProcess(app=db.port, ready_timeout=15,
-                         env=proxy_env(control, tmp_path / "b", "web",
-                                       MESHLET_OPAQUE_PORTS=str(db.port))) as b:
-        assert b.inbound_port is not None
-        eps = _endpoints(b.inbound_port).replace("name: web\n    port: 80",
-                                                 "name: db\n    port: 5432")
-        with ProxyProcess(outbound={"db:5432": "/opaque"}, endpoints=eps, ready_timeout=15,
-                          env=proxy_env(control, tmp_path / "a", "client")) as a:
-            port = a.outbound["db:5432"]
-            blobs = [os.urandom(2 * 1024 * 1024 + i) for i in range(5)]
-            socks = [socket.create_connection(("127.0.0.1", port), timeout=20)
-                     for _ in blobs]
-            try:
-                for s, blob in zip(socks, blobs, strict=True):
-                    s.sendall(blob)
-                # Five client connections in flight: one mesh connection.
-                inbound = b.inbound_port
-                eventually(lambda: _established_to(inbound) == 1, timeout=10)
-                time.sleep(0.3)
-                assert _established_to(inbound) == 1
-                for s, blob in zip(socks, blobs, strict=True):
-                    # The server answers only after our FIN reached it: a half-close
-                    # crossed both proxies and the mesh TLS connection.
-                    s.shutdown(socket.SHUT_WR)
-                    got = b""
-                    while True:
-                        d = s.recv(65536)
-                        if not d:
-                            break
-                        got += d
-                    want = f"{len(blob)} {hashlib.sha256(blob).hexdigest()}".encode()
-                    assert got == want
-            finally:
-                for s in socks:
-                    s.close()
-            m = b.metrics()
-            assert metric(m, "tcp_open_total", direction="inbound", peer="src",
-                          tls="true", client_id=CLIENT) == len(blobs)
+    with TcpServer(mode="hash") as db, _pair(control, tmp_path, db.port, opaque=True) as (a, b):
+        port = a.outbound["db:5432"]
+        blobs = [os.urandom(2 * 1024 * 1024 + i) for i in range(5)]
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=20)
+                 for _ in blobs]
+        try:
+            for s, blob in zip(socks, blobs, strict=True):
+                s.sendall(blob)
+            # Five client connections in flight: one mesh connection.
+            inbound = b.inbound_port
+            eventually(lambda: _established_to(inbound) == 1, timeout=10)
+            time.sleep(0.3)
+            assert _established_to(inbound) == 1
+            for s, blob in zip(socks, blobs, strict=True):
+                # The server answers only after our FIN reached it: a half-close
+                # crossed both proxies and the mesh TLS connection.
+                s.shutdown(socket.SHUT_WR)
+                got = b""
+                while True:
+                    d = s.recv(65536)
+                    if not d:
+                        break
+                    got += d
+                want = f"{len(blob)} {hashlib.sha256(blob).hexdigest()}".encode()
+                assert got == want
+        finally:
+            for s in socks:
+                s.close()
+        m = b.metrics()
+        assert metric(m, "tcp_open_total", direction="inbound", peer="src",
+                      tls="true", client_id=CLIENT) == len(blobs)
 
 
 def test_concurrent_large_uploads(control: Control, backend: HttpBackend,
@@ -293,11 +292,7 @@ def test_concurrent_large_uploads(control: Control, backend: HttpBackend,
             with lock:
                 out.append(res)
 
-        threads = [threading.Thread(target=one) for _ in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        run_parallel(lambda _i: one(), 12, 60)
         assert out == ["ok"] * 12
 
 
@@ -336,42 +331,31 @@ def test_opaque_tcp_over_per_connection_tls_keeps_every_byte(control: Control,
     from helpers import TcpServer
 
     with TcpServer(mode="banner", banner=b"") as db, \
-            ProxyProcess(app=db.port, ready_timeout=15,
-                         env=proxy_env(control, tmp_path / "b", "web",
-                                       MESHLET_OPAQUE_PORTS=str(db.port))) as b:
-        assert b.inbound_port is not None
-        eps = _endpoints(b.inbound_port).replace("name: web\n    port: 80",
-                                                 "name: db\n    port: 5432")
-        with ProxyProcess(outbound={"db:5432": "/opaque"}, endpoints=eps, ready_timeout=15,
-                          env=proxy_env(control, tmp_path / "a", "client",
-                                        MESHLET_MUX="false")) as a:
-            port = a.outbound["db:5432"]
-            errors: list[str] = []
+            _pair(control, tmp_path, db.port, a_env={"MESHLET_MUX": "false"},
+                  opaque=True) as (a, b):
+        port = a.outbound["db:5432"]
+        errors: list[str] = []
 
-            def one(i: int) -> None:
-                blob = os.urandom(6 * 1024 * 1024 + i)
-                with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-                    t = threading.Thread(target=s.sendall, args=(blob,), daemon=True)
-                    t.start()
-                    h, n = hashlib.sha256(), 0
-                    while n < len(blob):
-                        d = s.recv(min(32 << 10, len(blob) - n))
-                        if not d:
-                            break
-                        h.update(d)
-                        n += len(d)
-                        if n % (1 << 20) < len(d):
-                            time.sleep(0.005)
-                    t.join(30)
-                if n != len(blob) or h.digest() != hashlib.sha256(blob).digest():
-                    errors.append(f"conn {i}: {n} of {len(blob)} bytes, sha256 differs")
-
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(5)]
-            for t in threads:
+        def one(i: int) -> None:
+            blob = os.urandom(6 * 1024 * 1024 + i)
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                t = threading.Thread(target=s.sendall, args=(blob,), daemon=True)
                 t.start()
-            for t in threads:
-                t.join(90)
-            assert not errors, errors
-            m = b.metrics()
-            assert metric(m, "tcp_open_total", direction="inbound", peer="src",
-                          tls="true", client_id=CLIENT) == 5
+                h, n = hashlib.sha256(), 0
+                while n < len(blob):
+                    d = s.recv(min(32 << 10, len(blob) - n))
+                    if not d:
+                        break
+                    h.update(d)
+                    n += len(d)
+                    if n % (1 << 20) < len(d):
+                        time.sleep(0.005)
+                t.join(30)
+            if n != len(blob) or h.digest() != hashlib.sha256(blob).digest():
+                errors.append(f"conn {i}: {n} of {len(blob)} bytes, sha256 differs")
+
+        run_parallel(one, 5, 90)
+        assert not errors, errors
+        m = b.metrics()
+        assert metric(m, "tcp_open_total", direction="inbound", peer="src",
+                      tls="true", client_id=CLIENT) == 5

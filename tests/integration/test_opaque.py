@@ -11,7 +11,15 @@ import time
 from typing import Any
 
 import pytest
-from helpers import HttpBackend, TcpServer, connect, eventually, free_port, metric
+from helpers import (
+    HttpBackend,
+    TcpServer,
+    connect,
+    eventually,
+    free_port,
+    metric,
+    run_parallel,
+)
 
 
 def half_close_exchange(port: int, data: bytes, timeout: float = 10) -> bytes:
@@ -224,11 +232,7 @@ def test_relay_bytes_intact_under_backpressure(banner: TcpServer, start_proxy: A
             ok = "ok" if h.hexdigest() == want else "WRONG"
             errors.append(f"conn {i}: {n} bytes, sha256 {ok}")
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    run_parallel(one, 3, 120)
     assert not errors, errors
     m = p.metrics()
     assert metric(m, "tcp_read_bytes_total", direction="inbound", peer="src") >= 3 * size
